@@ -1,0 +1,3 @@
+from bigflax.cli import main
+
+main()

@@ -1,0 +1,131 @@
+"""The base config: every field bigflax reads, with the defaults of the embedded experiment.
+
+An experiment file (`experiments/NAME.py`) defines `get_config()` that starts from `base()` and
+changes what it needs. This module is itself such a file: it is what `bigflax train` runs with no
+`--config`, a small byte-level GPT on the Python standard library's own sources.
+
+Fields are locked and typed (ml_collections), so `--config.a.b=value` with an unknown key or a
+value of the wrong type fails while parsing flags; `validate` then checks the values make sense.
+"""
+
+import ml_collections
+
+from bigflax import data, optim, sharding
+from bigflax.errors import UserError
+from bigflax.model import DTYPES
+
+
+def base() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.name = ""  # experiment name; empty = the config file's stem. Default workdir: runs/<name>.
+  c.seed = 0
+  c.steps = 600
+  c.batch_size = 16
+  c.grad_accum_steps = 1
+  c.log_every = 10
+  c.eval_every = 200
+  c.eval_batches = 20
+
+  c.data = ml_collections.ConfigDict()
+  c.data.path = ""  # a text file; empty = the Python standard library's .py files
+  c.data.tokenizer = "byte"  # byte | char
+  c.data.val_fraction = 0.1
+  # Filled in from the corpus when empty (char tokenizer): the sorted distinct characters.
+  c.data.charset = ""
+
+  c.model = ml_collections.ConfigDict()
+  c.model.vocab_size = 0  # 0 = the tokenizer's vocabulary size
+  c.model.block_size = 128
+  c.model.num_layers = 4
+  c.model.num_heads = 4
+  c.model.embed_dim = 128
+  c.model.mlp_dim = 0  # 0 = 4 * embed_dim
+  c.model.dropout = 0.0
+  c.model.use_bias = True
+  c.model.tie_embeddings = True
+  c.model.dtype = "float32"
+  c.model.param_dtype = "float32"
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = "adamw"  # adamw | adam | sgd
+  c.optimizer.learning_rate = 2e-3
+  c.optimizer.schedule = "cosine"  # cosine | exponential | constant; all with linear warmup
+  c.optimizer.warmup_steps = 50
+  c.optimizer.decay_steps = 0  # cosine: steps to reach end_learning_rate; 0 = `steps`
+  c.optimizer.end_learning_rate = 1e-4
+  c.optimizer.decay_rate = 0.5  # exponential: factor per decay_transition_steps
+  c.optimizer.decay_transition_steps = 1000
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.99
+  c.optimizer.eps = 1e-8
+  c.optimizer.weight_decay = 0.1
+  c.optimizer.weight_decay_exclude = ("bias", "scale", "embedding")  # parameter leaf names
+  c.optimizer.momentum = 0.9  # sgd
+  c.optimizer.nesterov = False  # sgd
+  c.optimizer.clip_norm = 1.0  # global-norm clipping; 0 = off
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # -1 = all devices not used by the other axes
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+  c.mesh.rules = sharding.DEFAULT_RULES
+
+  c.sample = ml_collections.ConfigDict()
+  c.sample.prompt = "def "
+  c.sample.max_new_tokens = 200
+  c.sample.temperature = 0.8
+  c.sample.top_k = 0  # 0 = off
+  c.sample.top_p = 1.0  # 1.0 = off
+  return c
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = base()
+  config.name = "stdlib_bytes"
+  return config
+
+
+class ConfigError(UserError):
+  """A config value that cannot work; the message names the field and the fix."""
+
+
+def _check(ok: bool, message: str):
+  if not ok:
+    raise ConfigError(message)
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError naming the first field whose value cannot work."""
+  for key in ("steps", "batch_size", "grad_accum_steps", "log_every", "eval_every",
+              "eval_batches", "model.block_size", "model.num_layers", "model.num_heads",
+              "model.embed_dim", "sample.max_new_tokens"):
+    value = c
+    for part in key.split("."):
+      value = value[part]
+    _check(value > 0, f"config.{key} must be a positive integer, got {value}")
+  _check(c.data.tokenizer in data.TOKENIZERS,
+         f"config.data.tokenizer={c.data.tokenizer!r} is unknown; choose one of "
+         f"{sorted(data.TOKENIZERS)}")
+  _check(0.0 < c.data.val_fraction < 1.0,
+         f"config.data.val_fraction must be in (0, 1), got {c.data.val_fraction}")
+  _check(c.model.embed_dim % c.model.num_heads == 0,
+         f"config.model.embed_dim={c.model.embed_dim} is not divisible by "
+         f"config.model.num_heads={c.model.num_heads}; change one of them")
+  _check(0.0 <= c.model.dropout < 1.0, f"config.model.dropout must be in [0, 1), got "
+         f"{c.model.dropout}")
+  for key in ("dtype", "param_dtype"):
+    _check(c.model[key] in DTYPES, f"config.model.{key}={c.model[key]!r} is unknown; choose "
+           f"one of {sorted(DTYPES)}")
+  _check(c.optimizer.name in optim.OPTIMIZERS, f"config.optimizer.name="
+         f"{c.optimizer.name!r} is unknown; choose one of {sorted(optim.OPTIMIZERS)}")
+  _check(c.optimizer.schedule in optim.SCHEDULES, f"config.optimizer.schedule="
+         f"{c.optimizer.schedule!r} is unknown; choose one of {sorted(optim.SCHEDULES)}")
+  _check(c.optimizer.learning_rate > 0, "config.optimizer.learning_rate must be positive")
+  _check(c.optimizer.warmup_steps >= 0, "config.optimizer.warmup_steps must be >= 0")
+  horizon = c.optimizer.decay_steps or c.steps
+  _check(c.optimizer.schedule != "cosine" or horizon > c.optimizer.warmup_steps,
+         f"the cosine schedule decays over {horizon} steps (config.optimizer.decay_steps, or "
+         f"config.steps when 0), which must exceed config.optimizer.warmup_steps="
+         f"{c.optimizer.warmup_steps}; lower the warmup or lengthen the decay")
+  _check(0.0 <= c.sample.top_p <= 1.0 and c.sample.top_k >= 0 and c.sample.temperature >= 0,
+         "config.sample: need temperature >= 0, top_k >= 0 and 0 <= top_p <= 1")

@@ -1,0 +1,215 @@
+"""The training core: train state, the jitted train and eval steps, and the loop that runs them."""
+
+import json
+import pathlib
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tqdm
+from flax.training import train_state
+
+from bigflax import checkpoint, data, decode, optim, sharding
+from bigflax.config import validate
+from bigflax.metrics import MetricsWriter
+from bigflax.model import ModelConfig, Transformer
+from bigflax.objective import next_token_loss
+
+TrainState = train_state.TrainState
+
+
+def create_train_state(model: nn.Module, tx: optax.GradientTransformation, rng, block_size: int,
+                       mesh, rules) -> tuple[TrainState, TrainState]:
+  """The state, created directly in its shardings (never whole on one device), and those
+  shardings. Optimizer-state shardings follow the params they belong to."""
+  tokens = jnp.zeros((1, block_size), jnp.int32)
+
+  def init(rng):
+    params = model.init(rng, tokens)["params"]
+    return TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+
+  boxed_state = jax.eval_shape(init, rng)
+  shardings = sharding.logical_shardings(nn.get_partition_spec(boxed_state), mesh, rules)
+  sharding.check_divisible(nn.unbox(boxed_state.params), shardings.params, mesh, "parameter")
+  with sharding.activate(mesh, rules):
+    state = jax.jit(lambda rng: nn.unbox(init(rng)), out_shardings=shardings)(rng)
+  return state, shardings
+
+
+def _microbatch_grads(state: TrainState, batch, rng):
+  """Summed (not averaged) next-token NLL and its gradient over one (micro)batch."""
+  def summed_loss(params):
+    logits = state.apply_fn({"params": params}, batch["inputs"], deterministic=False,
+                            rngs={"dropout": rng})
+    loss, metrics = next_token_loss(logits, batch["targets"], batch["loss_mask"])
+    return loss * metrics["num_tokens"], metrics
+  (_, metrics), grads = jax.value_and_grad(summed_loss, has_aux=True)(state.params)
+  return grads, metrics
+
+
+def train_step(state: TrainState, batch, rng, *, grad_accum_steps: int, schedule):
+  """One optimizer update on the mean next-token loss of `batch`.
+
+  With grad_accum_steps=k the batch is cut into k microbatches run one after another (lax.scan);
+  their summed gradients are divided by the total number of real tokens, so the update equals the
+  one a single batch of all rows would give, at 1/k of the activation memory."""
+  rng = jax.random.fold_in(rng, state.step)  # dropout differs per step, and resumes identically
+  if grad_accum_steps == 1:
+    grads, metrics = _microbatch_grads(state, batch, rng)
+    loss_sum, num_tokens = metrics["loss"] * metrics["num_tokens"], metrics["num_tokens"]
+    correct = metrics["accuracy"] * num_tokens
+  else:
+    micro = jax.tree.map(
+        lambda x: x.reshape(grad_accum_steps, x.shape[0] // grad_accum_steps, *x.shape[1:]),
+        batch)
+
+    def accumulate(carry, inputs):
+      i, microbatch = inputs
+      grads, metrics = _microbatch_grads(state, microbatch, jax.random.fold_in(rng, i))
+      g, loss_sum, correct, n = carry
+      n_i = metrics["num_tokens"]
+      return (jax.tree.map(jnp.add, g, grads), loss_sum + metrics["loss"] * n_i,
+              correct + metrics["accuracy"] * n_i, n + n_i), None
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    (grads, loss_sum, correct, num_tokens), _ = jax.lax.scan(
+        accumulate, (zeros, 0.0, 0.0, 0.0), (jnp.arange(grad_accum_steps), micro))
+  denominator = jnp.maximum(num_tokens, 1.0)
+  grads = jax.tree.map(lambda g: g / denominator, grads)
+  metrics = {"loss": loss_sum / denominator, "accuracy": correct / denominator,
+             "grad_norm": optax.tree.norm(grads), "learning_rate": schedule(state.step)}
+  return state.apply_gradients(grads=grads), metrics
+
+
+def eval_step(state: TrainState, batch):
+  """Summed NLL and token count, so eval loss over many batches is an exact token mean."""
+  logits = state.apply_fn({"params": state.params}, batch["inputs"])
+  loss, metrics = next_token_loss(logits, batch["targets"], batch["loss_mask"])
+  return {"loss_sum": loss * metrics["num_tokens"], "num_tokens": metrics["num_tokens"]}
+
+
+class Trainer:
+  """Everything one run needs, built from a validated config: mesh, data, model, jitted steps."""
+
+  def __init__(self, config, corpus: data.Corpus | None = None, devices=None):
+    validate(config)
+    self.config = config
+    self.corpus = corpus or data.load_corpus(config.data, config.model.block_size)
+    # The config records what the data decided, so config.json alone rebuilds model and tokenizer.
+    with config.unlocked():
+      config.data.charset = getattr(self.corpus.tokenizer, "charset", "")
+      config.model.vocab_size = config.model.vocab_size or self.corpus.tokenizer.vocab_size
+    # Fail now, not after training, if the closing sample cannot be encoded.
+    self.corpus.tokenizer.encode(config.sample.prompt, "config.sample.prompt")
+    self.mesh = sharding.make_mesh(config.mesh, devices)
+    self.rules = sharding.rules_of(config.mesh)
+    self.model = Transformer(ModelConfig.from_config(config.model))
+    self.schedule = optim.learning_rate_schedule(config.optimizer, config.steps)
+    tx = optim.make_optimizer(config.optimizer, config.steps)
+    self.batch_sharding = sharding.batch_sharding(self.mesh, self.rules)
+    rows_per_step = config.batch_size // config.grad_accum_steps
+    shards = self.batch_sharding.mesh.shape["data"] * self.batch_sharding.mesh.shape["fsdp"]
+    if config.batch_size % config.grad_accum_steps or rows_per_step % shards:
+      raise sharding.ShardingError(
+          f"config.batch_size={config.batch_size} must split into config.grad_accum_steps="
+          f"{config.grad_accum_steps} microbatches each divisible by config.mesh.data × "
+          f"config.mesh.fsdp = {shards}; change config.batch_size or the mesh")
+    rng = jax.random.key(config.seed)
+    self.state, self.state_shardings = create_train_state(
+        self.model, tx, rng, config.model.block_size, self.mesh, self.rules)
+    self.dropout_rng = jax.random.fold_in(rng, 1)
+    replicated = sharding.replicated(self.mesh)
+    self._train_step = jax.jit(
+        lambda state, batch, rng: train_step(
+            state, batch, rng, grad_accum_steps=config.grad_accum_steps, schedule=self.schedule),
+        in_shardings=(self.state_shardings, self.batch_sharding, replicated),
+        out_shardings=(self.state_shardings, replicated), donate_argnums=(0,))
+    self._eval_step = jax.jit(eval_step, in_shardings=(self.state_shardings,
+                                                       self.batch_sharding),
+                              out_shardings=replicated)
+
+  def batch(self, split: int, index: int, batch_size: int):
+    tokens = self.corpus.train if split == data.TRAIN else self.corpus.val
+    local = data.window_batch(tokens, batch_size=batch_size,
+                              block_size=self.config.model.block_size, seed=self.config.seed,
+                              split=split, index=index,
+                              rows=sharding.process_rows(self.batch_sharding, batch_size))
+    return sharding.global_batch(local, self.batch_sharding)
+
+  def step(self, index: int):
+    with sharding.activate(self.mesh, self.rules):
+      self.state, metrics = self._train_step(
+          self.state, self.batch(data.TRAIN, index, self.config.batch_size), self.dropout_rng)
+    return metrics
+
+  def evaluate(self) -> dict[str, float]:
+    """Mean next-token loss over `eval_batches` fixed batches of val windows (same every time)."""
+    totals = []
+    with sharding.activate(self.mesh, self.rules):
+      for i in range(self.config.eval_batches):
+        totals.append(self._eval_step(self.state, self.batch(data.VAL, i,
+                                                             self.config.batch_size)))
+    loss_sum = sum(float(t["loss_sum"]) for t in totals)
+    num_tokens = sum(float(t["num_tokens"]) for t in totals)
+    eval_loss = loss_sum / num_tokens
+    return {"eval_loss": eval_loss, "eval_perplexity": float(np.exp(eval_loss))}
+
+  def sample(self, prompt: str, *, max_new_tokens: int, temperature: float, top_k: int,
+             top_p: float, seed: int) -> str:
+    return decode.sample_text(
+        self.model.apply, self.state.params, self.corpus.tokenizer, self.config.model.block_size,
+        prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+        top_p=top_p, seed=seed)
+
+
+def write_config(config, workdir: str) -> None:
+  path = pathlib.Path(workdir) / "config.json"
+  path.write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
+
+
+def train(config, workdir: str, *, print_fn=print) -> dict:
+  """Trains `config.steps` steps, evaluating every `eval_every` and at the end; writes config.json,
+  metrics.jsonl, TensorBoard events and the final params to `workdir`. Returns the last eval."""
+  is_main = jax.process_index() == 0
+  pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
+  trainer = Trainer(config)
+  if is_main:
+    write_config(config, workdir)
+    num_params = sum(x.size for x in jax.tree.leaves(trainer.state.params))
+    print_fn(f"data: {trainer.corpus.description}")
+    print_fn(f"model: {num_params / 1e6:.2f}M params; mesh {dict(trainer.mesh.shape)} over "
+             f"{jax.device_count()} {jax.devices()[0].platform} devices; workdir {workdir}")
+  writer = MetricsWriter(workdir, enabled=is_main)
+  tokens_per_step = config.batch_size * config.model.block_size
+  progress = tqdm.tqdm(total=config.steps, disable=not is_main, unit="step", dynamic_ncols=True)
+  last_eval = {}
+  last_time, last_step = time.perf_counter(), 0
+  for index in range(config.steps):
+    metrics = trainer.step(index)
+    step = index + 1
+    if step % config.log_every == 0 or step == config.steps:
+      metrics = jax.device_get(metrics)  # the only host sync of the step loop
+      now = time.perf_counter()
+      tokens_per_sec = tokens_per_step * (step - last_step) / (now - last_time)
+      last_time, last_step = now, step
+      writer.write({"step": step, **metrics, "tokens_per_sec": tokens_per_sec})
+      progress.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{tokens_per_sec:,.0f}")
+    if step % config.eval_every == 0 or step == config.steps:
+      last_eval = trainer.evaluate()
+      writer.write({"step": step, **last_eval})
+      progress.write(f"step {step}: eval_loss {last_eval['eval_loss']:.4f} "
+                     f"(perplexity {last_eval['eval_perplexity']:.2f})")
+      last_time = time.perf_counter()  # eval time is not training throughput
+    progress.update(1)
+  progress.close()
+  writer.close()
+  checkpoint.export_params(workdir, trainer.state.params)
+  s = config.sample  # every process samples (params may be sharded across hosts); one prints
+  text = trainer.sample(s.prompt, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
+                        top_k=s.top_k, top_p=s.top_p, seed=config.seed)
+  if is_main:
+    print_fn(f"\nsample ({s.prompt!r} →):\n{s.prompt}{text}")
+  return last_eval

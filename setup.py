@@ -1,0 +1,28 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="bigflax",
+    version="0.1.0",
+    description="Pretrain transformer language models with JAX/Flax, from a CPU to a TPU pod.",
+    packages=find_packages(include=["bigflax", "bigflax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax==0.10.2",
+        "jaxlib==0.10.2",
+        "flax==0.12.8",
+        "optax==0.2.8",
+        "orbax-checkpoint==0.12.8",
+        "grain==0.2.18",
+        "array-record==0.8.6",
+        "tensorflow-datasets==4.9.10",
+        "sentencepiece==0.2.3",
+        "numpy==2.4.6",
+        "ml_collections==1.1.0",
+        "absl-py==2.5.1",
+        "tqdm==4.70.1",
+        "tensorboardX==2.6.5",
+        "matplotlib==3.11.2",
+    ],
+    extras_require={"test": ["pytest==9.2.0", "portpicker==1.6.0"]},
+    entry_points={"console_scripts": ["bigflax=bigflax.cli:main"]},
+)
