@@ -42,8 +42,8 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, rng, 
 def _microbatch_grads(state: TrainState, batch, rng):
   """Summed (not averaged) next-token NLL and its gradient over one (micro)batch."""
   def summed_loss(params):
-    logits = state.apply_fn({"params": params}, batch["inputs"], deterministic=False,
-                            rngs={"dropout": rng})
+    logits = state.apply_fn({"params": params}, batch["inputs"], batch.get("positions"),
+                            batch.get("segment_ids"), deterministic=False, rngs={"dropout": rng})
     loss, metrics = next_token_loss(logits, batch["targets"], batch["loss_mask"])
     return loss * metrics["num_tokens"], metrics
   (_, metrics), grads = jax.value_and_grad(summed_loss, has_aux=True)(state.params)
@@ -86,7 +86,8 @@ def train_step(state: TrainState, batch, rng, *, grad_accum_steps: int, schedule
 
 def eval_step(state: TrainState, batch):
   """Summed NLL and token count, so eval loss over many batches is an exact token mean."""
-  logits = state.apply_fn({"params": state.params}, batch["inputs"])
+  logits = state.apply_fn({"params": state.params}, batch["inputs"], batch.get("positions"),
+                          batch.get("segment_ids"))
   loss, metrics = next_token_loss(logits, batch["targets"], batch["loss_mask"])
   return {"loss_sum": loss * metrics["num_tokens"], "num_tokens": metrics["num_tokens"]}
 
@@ -98,10 +99,12 @@ class Trainer:
     validate(config)
     self.config = config
     self.corpus = corpus or data.load_corpus(config.data, config.model.block_size)
+    self._data = {}
     # The config records what the data decided, so config.json alone rebuilds model and tokenizer.
     with config.unlocked():
       config.data.charset = getattr(self.corpus.tokenizer, "charset", "")
-      config.model.vocab_size = config.model.vocab_size or self.corpus.tokenizer.vocab_size
+      config.model.vocab_size = (config.model.vocab_size
+                                 or data.padded_vocab_size(self.corpus.tokenizer.vocab_size))
     # Fail now, not after training, if the closing sample cannot be encoded.
     self.corpus.tokenizer.encode(config.sample.prompt, "config.sample.prompt")
     self.mesh = sharding.make_mesh(config.mesh, devices)
@@ -131,13 +134,25 @@ class Trainer:
                                                        self.batch_sharding),
                               out_shardings=replicated)
 
+  def _batches(self, split: int, batch_size: int) -> data.Batches:
+    """This process's rows of the global batches of `split`, built on first use."""
+    key = (split, batch_size)
+    if key not in self._data:
+      rows = sharding.process_rows(self.batch_sharding, batch_size)
+      self._data[key] = data.make_batches(self.corpus, self.config, split, batch_size, rows)
+    return self._data[key]
+
   def batch(self, split: int, index: int, batch_size: int):
-    tokens = self.corpus.train if split == data.TRAIN else self.corpus.val
-    local = data.window_batch(tokens, batch_size=batch_size,
-                              block_size=self.config.model.block_size, seed=self.config.seed,
-                              split=split, index=index,
-                              rows=sharding.process_rows(self.batch_sharding, batch_size))
+    local = self._batches(split, batch_size).batch(index)
     return sharding.global_batch(local, self.batch_sharding)
+
+  def data_state(self) -> dict:
+    """Where the train batches are (small, JSON-able): saved with a checkpoint, so a resumed run
+    continues with the same batches at O(1) cost."""
+    return self._batches(data.TRAIN, self.config.batch_size).get_state()
+
+  def set_data_state(self, state: dict) -> None:
+    self._batches(data.TRAIN, self.config.batch_size).set_state(state)
 
   def step(self, index: int):
     with sharding.activate(self.mesh, self.rules):

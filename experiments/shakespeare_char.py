@@ -18,6 +18,7 @@ def get_config():
   c.data.path = "../shared/data/tinyshakespeare.txt"
   c.data.tokenizer = "char"  # the 65 sorted distinct characters
   c.data.val_fraction = 0.1  # first 90% of characters train, last 10% validate
+  c.data.batching = "windows"  # nanoGPT's random windows of the flat text
   c.steps = 2000
   c.batch_size = 12
   c.log_every = 50

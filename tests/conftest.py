@@ -1,6 +1,13 @@
 """Tests run on 8 simulated CPU devices, so sharded meshes can be checked on any machine."""
 
-import jax
+import os
+import tempfile
+
+# TFDS reads this when first imported: the datasets tests build from local text go to a throwaway
+# directory, not ~/tensorflow_datasets.
+os.environ.setdefault("TFDS_DATA_DIR", tempfile.mkdtemp(prefix="bigflax-tfds-"))
+
+import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 

@@ -1,50 +1,62 @@
-"""Data: sources → tokenizer → token arrays for the train and val splits → window batches."""
+"""Data: a source's documents (`reader`) → a tokenizer → the batches of each split (`pipeline`)."""
 
 import dataclasses
 
 import numpy as np
 
-from bigflax.data.sources import read_text_file, stdlib_split
-from bigflax.data.tokenizers import TOKENIZERS, CharTokenizer, DataError, make_tokenizer
-from bigflax.data.windows import TRAIN, VAL, check_long_enough, window_batch
+from bigflax.data.pipeline import BATCHINGS, SPLIT_NAMES, TRAIN, VAL, Batches, make_batches
+from bigflax.data.reader import SOURCES, TextSource, open_splits
+from bigflax.data.sources import DOCUMENT_UNITS
+from bigflax.data.tokenizers import (TOKENIZERS, CharTokenizer, DataError, make_tokenizer,
+                                     padded_vocab_size)
+from bigflax.data.windows import check_long_enough, window_batch
 
 
 @dataclasses.dataclass
 class Corpus:
-  train: np.ndarray  # token ids
-  val: np.ndarray
+  train: TextSource
+  val: TextSource
   tokenizer: object
   description: str
+  _tokens: dict = dataclasses.field(default_factory=dict, repr=False)
+
+  def documents(self, split: int) -> TextSource:
+    return self.train if split == TRAIN else self.val
+
+  def tokens(self, split: int) -> np.ndarray:
+    """The split's documents in corpus order, joined by a blank line, as one token array (the
+    windows batching reads a flat corpus, nanoGPT's way)."""
+    if split not in self._tokens:
+      joined = b"\n\n".join(self.documents(split).in_order())
+      self._tokens[split] = self.tokenizer.encode_bytes(
+          joined, f"the {SPLIT_NAMES[split]} split of {self.description}")
+    return self._tokens[split]
 
 
-def _tokenizer_for(data_config, raw: bytes):
+def _tokenizer_for(data_config, train: TextSource, val: TextSource):
   if data_config.tokenizer == "char" and not data_config.charset:
+    # The corpus's own characters, so the char tokenizer is for corpora that fit in memory.
     # Undecodable bytes become U+FFFD here; encoding then reports them with the fix.
-    return CharTokenizer(CharTokenizer.charset_of(raw.decode("utf-8", errors="replace")))
+    text = b"".join(train.in_order() + val.in_order()).decode("utf-8", errors="replace")
+    return CharTokenizer(CharTokenizer.charset_of(text))
   return make_tokenizer(data_config)
 
 
 def load_corpus(data_config, block_size: int) -> Corpus:
-  """Reads and tokenizes `config.data`. A char tokenizer with no charset takes the corpus's own.
-
-  A text file is split nanoGPT's way: the first (1 - val_fraction) of its tokens train and the
-  rest validate. The standard library is split by file (see `sources.stdlib_split`)."""
-  if data_config.path:
-    raw = read_text_file(data_config.path)
-    tokenizer = _tokenizer_for(data_config, raw)
-    tokens = tokenizer.encode_bytes(raw, f"config.data.path={data_config.path!r}")
-    cut = int(len(tokens) * (1 - data_config.val_fraction))
-    train, val, description = tokens[:cut], tokens[cut:], f"{data_config.path}"
-  else:
-    train_raw, val_raw, description = stdlib_split(data_config.val_fraction)
-    tokenizer = _tokenizer_for(data_config, train_raw + val_raw)
-    train = tokenizer.encode_bytes(train_raw, "the standard library's train files")
-    val = tokenizer.encode_bytes(val_raw, "the standard library's val files")
-  check_long_enough(train, block_size, "train")
-  check_long_enough(val, block_size, "val")
-  return Corpus(train, val, tokenizer,
-                f"{description}; {len(train):,} train / {len(val):,} val tokens")
+  """Opens `config.data`'s source and builds its tokenizer (a char tokenizer with no charset
+  takes the corpus's own); windows batching also needs block_size + 1 tokens in each split."""
+  train, val, description = open_splits(data_config)
+  for split, documents in (("train", train), ("val", val)):
+    if not len(documents):
+      raise DataError(f"the {split} split of {description} has no documents; give more text or "
+                      "(for val) raise config.data.val_fraction")
+  corpus = Corpus(train, val, _tokenizer_for(data_config, train, val), description)
+  if data_config.batching == "windows":
+    for split in (TRAIN, VAL):
+      check_long_enough(corpus.tokens(split), block_size, SPLIT_NAMES[split])
+  return corpus
 
 
-__all__ = ["Corpus", "DataError", "TOKENIZERS", "TRAIN", "VAL", "load_corpus", "make_tokenizer",
-           "window_batch"]
+__all__ = ["BATCHINGS", "Batches", "Corpus", "DOCUMENT_UNITS", "DataError", "SOURCES",
+           "TOKENIZERS", "TRAIN", "VAL", "load_corpus", "make_batches", "make_tokenizer",
+           "padded_vocab_size", "window_batch"]
