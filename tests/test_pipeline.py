@@ -1,17 +1,21 @@
 """The batching pipeline: packing, determinism across processes and restarts, instant resume."""
 
 import json
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import portpicker
 import pytest
 
 from bigflax import data, train
 from bigflax.data import packing, pipeline, tokenizers
 from bigflax.model import ModelConfig, Transformer
 from bigflax.objective import token_log_likelihood
-from conftest import tiny_config
+from conftest import REPO, tiny_config
 
 BLOCK = 32
 
@@ -215,3 +219,60 @@ def test_windows_batching_is_still_nanogpts(corpus_file):
   assert batch.keys() == expected.keys()
   for key in expected:
     np.testing.assert_array_equal(np.asarray(batch[key]), expected[key])
+
+
+WORKER = """
+import json, sys
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+address, process_id, path, state, out = sys.argv[1:]
+jax.distributed.initialize(coordinator_address=address, num_processes=2,
+                           process_id=int(process_id), initialization_timeout=60)
+from bigflax import data, sharding
+from bigflax.config import base
+config = base()  # the data fields of the test's tiny_config, on all 8 devices of 2 processes
+config.data.path, config.data.tokenizer, config.batch_size = path, "char", 8
+config.model.block_size = 16
+mesh = sharding.make_mesh(config.mesh)
+batch_sharding = sharding.batch_sharding(mesh, sharding.rules_of(config.mesh))
+rows = sharding.process_rows(batch_sharding, 8)
+corpus = data.load_corpus(config.data, config.model.block_size)
+batches = data.make_batches(corpus, config, data.TRAIN, 8, rows)
+batches.set_state(json.loads(state))
+steps = {}
+for step in (2, 3):
+  local = batches.batch(step)
+  glob = multihost_utils.process_allgather(sharding.global_batch(local, batch_sharding),
+                                           tiled=True)
+  steps.update({f"{step}/{k}": np.asarray(v) for k, v in glob.items()})
+if jax.process_index() == 0:
+  np.savez(out, rows=np.array([rows.start, rows.stop]), **steps)
+"""
+
+
+def test_two_processes_on_127_0_0_1_make_the_one_process_global_batches(tmp_path, corpus_file):
+  """Each process makes only its rows of the global batch, resumed from a one-process state."""
+  config = tiny_config(corpus_file, **{"batch_size": 8})
+  corpus = data.load_corpus(config.data, config.model.block_size)  # built once, read by both
+  one = data.make_batches(corpus, config, data.TRAIN, 8)
+  expected = [one.batch(i) for i in range(4)]
+  resumed = data.make_batches(corpus, config, data.TRAIN, 8)
+  resumed.batch(0), resumed.batch(1)
+  state = json.dumps(resumed.get_state())
+  (tmp_path / "worker.py").write_text(WORKER)
+  address = f"127.0.0.1:{portpicker.pick_unused_port()}"
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
+  env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  workers = [subprocess.Popen([sys.executable, str(tmp_path / "worker.py"), address, str(i),
+                               str(corpus_file), state, str(tmp_path / "out.npz")], cwd=REPO,
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+  for worker in workers:
+    _, err = worker.communicate(timeout=300)
+    assert worker.returncode == 0, err[-3000:]
+  got = np.load(tmp_path / "out.npz")
+  np.testing.assert_array_equal(got["rows"], [0, 4])  # process 0 made half the rows
+  for step in (2, 3):
+    for key, value in expected[step].items():
+      np.testing.assert_array_equal(got[f"{step}/{key}"], value, err_msg=f"{step}/{key}")
