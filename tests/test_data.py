@@ -132,6 +132,7 @@ def test_tfds_source_reads_a_prepared_dataset_by_name_version_and_split(tmp_path
     (dict(source="tfds:lm1bb"), r"tfds:lm1bb.*no dataset named 'lm1bb' \(did you mean lm1b"),
     (dict(source="tfds:lm1b"), r"tfds:lm1b.*no prepared files in .*/lm1b/.*tfds build lm1b "
                                r"--data_dir=DIR --file_format=array_record"),
+    (dict(source="tfds:c4/en:3.1.0"), r"tfds:c4/en:3.1.0.*no prepared files in .*/c4/en/3.1.0"),
     (dict(source="hf:gpt2"), r"config.data.source='hf:gpt2' is unknown"),
     (dict(source="text"), r"source='text' needs config.data.path"),
 ])

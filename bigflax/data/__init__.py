@@ -50,7 +50,8 @@ def load_corpus(data_config, block_size: int) -> Corpus:
     if not len(documents):
       raise DataError(f"the {split} split of {description} has no documents; give more text or "
                       "(for val) raise config.data.val_fraction")
-  corpus = Corpus(train, val, _tokenizer_for(data_config, train, val), description)
+  corpus = Corpus(train, val, _tokenizer_for(data_config, train, val),
+                  f"{description}: {len(train):,} train / {len(val):,} val documents")
   if data_config.batching == "windows":
     for split in (TRAIN, VAL):
       check_long_enough(corpus.tokens(split), block_size, SPLIT_NAMES[split])

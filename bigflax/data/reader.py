@@ -13,11 +13,16 @@ Nothing here needs TensorFlow: `tfds` reads array_record files with `data_source
 """
 
 import difflib
+import importlib
 
 import tensorflow_datasets as tfds
 
 from bigflax.data import sources, text_builder
 from bigflax.data.tokenizers import DataError
+
+
+TEXT_CATEGORIES = ("text", "summarization", "translate", "question_answering",
+                   "text_simplification")
 
 
 class TextSource:
@@ -66,6 +71,10 @@ def text(data_config) -> tuple[TextSource, TextSource, str]:
 
 def _catalog_builder(name: str, data_dir: str):
   field = f"config.data.source='tfds:{name}'"
+  # Older catalog datasets (c4, wiki40b, …) are registered by importing their category's module,
+  # which `import tensorflow_datasets` defers; text lives in these.
+  for category in TEXT_CATEGORIES:
+    importlib.import_module(f"tensorflow_datasets.{category}")
   try:
     return tfds.builder(name, data_dir=data_dir or None)
   except tfds.core.registered.DatasetNotFoundError:
