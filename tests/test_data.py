@@ -152,6 +152,17 @@ def test_unknown_tfds_split_and_feature_list_what_exists(tmp_path, corpus_file):
                                  text_feature="content"), 4)
 
 
+def test_files_prepared_as_tfrecord_say_how_to_prepare_array_record(tmp_path, corpus_file):
+  data_dir = tmp_path / "tfds"
+  data.load_corpus(data_config(corpus_file, data_dir=str(data_dir)), block_size=4)
+  name = text_builder.name_of(text_builder.text_spec(str(corpus_file), "file", 0.1))
+  info = data_dir / name / "1.0.0" / "dataset_info.json"
+  info.write_text(info.read_text().replace('"array_record"', '"tfrecord"'))  # as TF writes it
+  with pytest.raises(data.DataError, match=r"are tfrecord, which has no random access.*"
+                                           r"--file_format=array_record"):
+    data.load_corpus(data_config(source=f"tfds:{name}", data_dir=str(data_dir)), block_size=4)
+
+
 def test_missing_file_error_names_the_field(tmp_path):
   with pytest.raises(data.DataError, match="config.data.path=.*no such file"):
     data.load_corpus(data_config(tmp_path / "nope.txt"), block_size=8)
