@@ -195,7 +195,7 @@ def test_non_utf8_char_corpus_error_says_how_to_fix(tmp_path):
 
 def test_sentencepiece_round_trips_code_exactly_and_wraps_documents(spm_model):
   tok = tokenizers.SentencePieceTokenizer(str(spm_model))
-  text = "def f(x):\n\treturn  'λ' 🙂  \n\n    x = 12345\r\n"
+  text = "  def f(x):\n\treturn  'λ' 🙂  \n\n    x = 12345\r\n"
   ids = tok.encode(text)
   assert tok.decode(ids) == text and ids.max() < tok.vocab_size == 400
   document = tok.encode_document(text.encode(), "a document")
