@@ -1,20 +1,260 @@
-"""Orbax checkpoints. A params-only export lives in WORKDIR/params for sampling and fine-tuning."""
+"""Orbax checkpoints: resumable train state in WORKDIR/checkpoints/<step>/, a params-only export in
+WORKDIR/params, and the preemption signals that trigger a final save.
 
+A checkpoint has three items: `state` (params, optimizer state, step and dropout RNG; arrays in
+Orbax's OCDBT format, restored straight into the shardings of whatever mesh the new run has),
+`data` (the data iterator's state, JSON) and `config` (the resolved config, JSON). Nothing is
+ever pickled. Orbax writes each save to `<step>.orbax-checkpoint-tmp/` and renames it on commit,
+so a save killed half-way never shadows the previous checkpoint; the manager deletes such
+leftovers when it opens the directory.
+"""
+
+import contextlib
 import json
 import pathlib
+import signal
+import threading
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
 
-from bigflax import data
+from bigflax import data, sharding
 from bigflax.errors import UserError
 from bigflax.model import ModelConfig, Transformer, abstract_params
+
+# Config fields a resumed run must share with its checkpoint: they fix the stored arrays' shapes
+# (model; optimizer.name and skip_nonfinite shape the optimizer state) or the data stream the run
+# continues (data, batch_size, seed). Anything else (steps, learning rate, mesh, …) may change.
+RESUME_FIXED_FIELDS = ("model", "data", "batch_size", "seed", "optimizer.name", "skip_nonfinite")
+_MAX_LISTED = 12  # differences listed in an error before "… and N more"
+
+
+class CheckpointError(UserError):
+  """A checkpoint that cannot be resumed from as asked; the message names it and the way out."""
+
+
+class NonFiniteError(UserError):
+  """Training produced NaN/Inf; nothing non-finite is checkpointed."""
+  FIX = ("lower config.optimizer.learning_rate (or raise warmup_steps / clip harder with "
+         "config.optimizer.clip_norm), or set config.skip_nonfinite=True to skip such updates")
+
+
+def checkpoints_dir(workdir: str) -> pathlib.Path:
+  return pathlib.Path(workdir).absolute() / "checkpoints"
 
 
 def params_dir(workdir: str) -> pathlib.Path:
   return pathlib.Path(workdir).absolute() / "params"
+
+
+def _path_str(path) -> str:
+  """One spelling for a tree path whether its nodes are dicts, lists, namedtuples or dataclasses
+  (Orbax's metadata turns the latter two into dicts)."""
+  names = (getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path)
+  return "/".join(str(n) for n in names)
+
+
+def _flat(tree) -> dict:
+  return {_path_str(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _listed(lines: list[str]) -> str:
+  more = f"\n  … and {len(lines) - _MAX_LISTED} more" if len(lines) > _MAX_LISTED else ""
+  return "".join(f"\n  {line}" for line in lines[:_MAX_LISTED]) + more
+
+
+def shape_mismatches(stored, expected) -> list[str]:
+  """Paths whose arrays differ between a checkpoint's metadata tree and an abstract tree."""
+  stored, expected = _flat(stored), _flat(expected)
+  lines = []
+  for path in sorted(stored.keys() | expected.keys()):
+    if path not in expected:
+      lines.append(f"{path}: {tuple(stored[path].shape)} in the checkpoint, absent from the model")
+    elif path not in stored:
+      lines.append(f"{path}: {tuple(expected[path].shape)} in the model, absent from the "
+                   "checkpoint")
+    elif tuple(stored[path].shape) != tuple(expected[path].shape):
+      lines.append(f"{path}: {tuple(stored[path].shape)} in the checkpoint, "
+                   f"{tuple(expected[path].shape)} in the model")
+  return lines
+
+
+def _check_shapes(stored, expected, where) -> None:
+  lines = shape_mismatches(stored, expected)
+  if lines:
+    raise CheckpointError(f"{where} was written by a model of a different shape; mismatched "
+                          f"arrays (path: checkpoint vs model):{_listed(lines)}")
+
+
+def config_differences(stored: dict, current: dict) -> list[str]:
+  """`RESUME_FIXED_FIELDS` on which two configs (as JSON-able dicts) disagree, as lines."""
+  def flat(d, prefix=""):
+    out = {}
+    for key, value in d.items():
+      if isinstance(value, dict):
+        out.update(flat(value, f"{prefix}{key}."))
+      else:
+        out[f"{prefix}{key}"] = value
+    return out
+  stored, current = flat(stored), flat(json.loads(json.dumps(current)))
+  fixed = lambda key: any(key == f or key.startswith(f + ".") for f in RESUME_FIXED_FIELDS)
+  return [f"config.{key}: {stored.get(key)!r} in the checkpoint, {current.get(key)!r} now"
+          for key in sorted(k for k in stored.keys() | current.keys() if fixed(k))
+          if stored.get(key) != current.get(key)]
+
+
+def state_item(trainer) -> dict:
+  """What a checkpoint stores of the train state; the dropout key as raw data (typed keys are not
+  an array dtype Orbax writes), replicated so every host holds it."""
+  s = trainer.state
+  rng = jax.device_put(jax.random.key_data(trainer.dropout_rng),
+                       sharding.replicated(trainer.mesh))
+  return {"params": s.params, "opt_state": s.opt_state, "step": s.step, "rng": rng}
+
+
+def abstract_state_item(trainer) -> dict:
+  """`state_item`'s shapes and dtypes in the trainer's own shardings: the restore target."""
+  shardings = trainer.state_shardings
+  targets = {"params": shardings.params, "opt_state": shardings.opt_state,
+             "step": shardings.step, "rng": sharding.replicated(trainer.mesh)}
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      jax.eval_shape(lambda: state_item(trainer)), targets)
+
+
+@jax.jit
+def _all_finite(tree):
+  return jax.tree.reduce(lambda ok, x: ok & jnp.isfinite(x).all(), tree, True)
+
+
+def _item_handlers() -> dict:
+  """How each item is read and written. A data pipeline with its own iterator checkpointing (e.g.
+  grain's) replaces `data`'s handler; the rest stays."""
+  return {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
+          "config": ocp.JsonCheckpointHandler()}
+
+
+class Checkpointer:
+  """The run's Orbax CheckpointManager. `should_save` says when (every `config.checkpoint_every`
+  steps), `save` writes asynchronously, and the latest `config.keep_checkpoints` plus every
+  `config.keep_every`-th step are kept. In a multi-host run every process writes its shards of the
+  state; the JSON items (data position, config) come from process 0, which suits data positions
+  that are a function of the step."""
+
+  def __init__(self, workdir: str, config):
+    self.directory = checkpoints_dir(workdir)
+    keep = [policies.LatestN(config.keep_checkpoints)]
+    if config.keep_every:
+      keep.append(policies.EveryNSteps(config.keep_every))
+    decide = (policies.FixedIntervalPolicy(config.checkpoint_every) if config.checkpoint_every
+              else policies.SpecificStepsPolicy(()))
+    self._manager = ocp.CheckpointManager(
+        self.directory, item_handlers=_item_handlers(),
+        options=ocp.CheckpointManagerOptions(
+            enable_async_checkpointing=True, save_decision_policy=decide,
+            preservation_policy=policies.AnyPreservationPolicy(keep),
+            cleanup_tmp_directories=True))
+
+  def step_dir(self, step: int) -> pathlib.Path:
+    return self.directory / str(step)
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def should_save(self, step: int) -> bool:
+    return self._manager.should_save(step)
+
+  def reached_preemption(self, step: int) -> bool:
+    """True on every host at the same step once any host got a preemption notice (JAX's
+    distributed preemption service; always False without it)."""
+    return self._manager.reached_preemption(step)
+
+  def save(self, trainer, step: int) -> None:
+    """Starts writing checkpoint `step` of `trainer` (state, data position, config), whether or
+    not `should_save`; returns once the arrays are copied off the devices, so the next step may
+    overwrite them. Refuses a non-finite state: it would poison every later resume."""
+    item = state_item(trainer)
+    if not bool(_all_finite(item)):
+      raise NonFiniteError(f"the train state at step {step} holds NaN or Inf values, so it was "
+                           "not checkpointed; " + NonFiniteError.FIX)
+    self._manager.save(step, force=True, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(item), data=ocp.args.JsonSave(trainer.data_state()),
+        config=ocp.args.JsonSave(trainer.config.to_dict())))
+
+  def restore(self, trainer, step: int) -> None:
+    """Loads checkpoint `step` into `trainer`: the state straight into the trainer's shardings,
+    the dropout key and the data position, after checking that config and shapes match."""
+    where = self.step_dir(step)
+    try:
+      stored_config = self._manager.restore(
+          step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+      stored_tree = self._manager.item_metadata(step)["state"].tree
+    except Exception as e:  # noqa: BLE001 - any unreadable file is reported the same way
+      raise self._unreadable(step, e) from e
+    differences = config_differences(stored_config, trainer.config.to_dict())
+    if differences:
+      raise CheckpointError(
+          f"{where} was written with a different config; these fields must match to resume:"
+          f"{_listed(differences)}\nrun with the checkpoint's values (see "
+          f"{self.directory.parent / 'config.json'}), or pick a new --workdir to start over")
+    target = abstract_state_item(trainer)
+    _check_shapes(stored_tree, target, where)
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
+    except Exception as e:  # noqa: BLE001
+      raise self._unreadable(step, e) from e
+    state = restored["state"]
+    trainer.state = trainer.state.replace(params=state["params"], opt_state=state["opt_state"],
+                                          step=state["step"])
+    trainer.dropout_rng = jax.random.wrap_key_data(
+        state["rng"], impl=jax.random.key_impl(trainer.dropout_rng))
+    trainer.set_data_state(restored["data"])
+
+  def _unreadable(self, step: int, error: Exception) -> CheckpointError:
+    older = [s for s in self._manager.all_steps() if s < step]
+    where = self.step_dir(step)
+    offer = (f"; the older checkpoint {self.step_dir(older[-1])} is complete: move the broken one "
+             f"aside (mv {where} {where}.broken) and run again to resume from step {older[-1]}"
+             if older else "; no older checkpoint exists: delete it to start over")
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return CheckpointError(f"checkpoint {where} is corrupted or incomplete ({reason}){offer}")
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    """Waits for the save in flight, then releases the manager's threads."""
+    self._manager.close()
+
+
+@contextlib.contextmanager
+def stop_signals():
+  """Yields a function telling whether SIGTERM or SIGINT has arrived, so the loop can finish its
+  step and checkpoint instead of dying. A second signal acts as it would have (kills).
+
+  Only on a single process: across hosts each one would stop at a different step, so there
+  JAX's preemption service (which owns SIGTERM) picks one step for all, see `reached_preemption`.
+  """
+  received = []
+  if jax.process_count() > 1 or threading.current_thread() is not threading.main_thread():
+    yield lambda: False
+    return
+
+  def handle(signum, frame):
+    del frame
+    received.append(signum)
+    signal.signal(signum, previous[signum])
+
+  previous = {s: signal.signal(s, handle) for s in (signal.SIGTERM, signal.SIGINT)}
+  try:
+    yield lambda: bool(received)
+  finally:
+    for signum, handler in previous.items():
+      signal.signal(signum, handler)
 
 
 def export_params(workdir: str, params) -> None:
@@ -24,7 +264,7 @@ def export_params(workdir: str, params) -> None:
 
 
 def load_export(workdir: str):
-  """(config, apply_fn, params, tokenizer) of a finished run, from config.json and the export."""
+  """(config, model, params, tokenizer) of a finished run, from config.json and the export."""
   config_path, path = pathlib.Path(workdir) / "config.json", params_dir(workdir)
   if not config_path.exists() or not path.exists():
     raise UserError(f"{workdir} holds no finished run (need config.json and params/); train "
@@ -34,5 +274,11 @@ def load_export(workdir: str):
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct,
                           nn.unbox(abstract_params(model, config.model.block_size)))
   with ocp.StandardCheckpointer() as checkpointer:
+    try:
+      stored = checkpointer.metadata(path).item_metadata.tree
+    except Exception as e:  # noqa: BLE001
+      raise CheckpointError(f"the params export {path} is corrupted or incomplete ({e}); "
+                            "train again or copy it anew") from e
+    _check_shapes(stored, abstract, path)
     params = checkpointer.restore(path, abstract)
-  return config, model.apply, params, data.make_tokenizer(config.data)
+  return config, model, params, data.make_tokenizer(config.data)

@@ -25,6 +25,14 @@ def base() -> ml_collections.ConfigDict:
   c.log_every = 10
   c.eval_every = 200
   c.eval_batches = 20
+  # Checkpoints (WORKDIR/checkpoints/<step>/, Orbax, async) every checkpoint_every steps, at the
+  # end and on SIGTERM/SIGINT; 0 = only then. `bigflax train` resumes from the latest one.
+  c.checkpoint_every = 100
+  c.keep_checkpoints = 3  # the latest K are kept
+  c.keep_every = 0  # also keep every M-th step's checkpoint for good; 0 = off
+  # A NaN/Inf gradient skips its update (counted in metrics as skipped_updates) instead of
+  # stopping the run.
+  c.skip_nonfinite = False
 
   c.data = ml_collections.ConfigDict()
   # "" = text when data.path is set, else stdlib (the Python standard library's .py files);
@@ -115,6 +123,12 @@ def validate(c: ml_collections.ConfigDict) -> None:
     for part in key.split("."):
       value = value[part]
     _check(value > 0, f"config.{key} must be a positive integer, got {value}")
+  _check(c.checkpoint_every >= 0 and c.keep_every >= 0 and c.keep_checkpoints > 0,
+         "config.checkpoint_every and config.keep_every must be >= 0 and "
+         "config.keep_checkpoints > 0")
+  _check(not (c.keep_every and c.checkpoint_every) or c.keep_every % c.checkpoint_every == 0,
+         f"config.keep_every={c.keep_every} must be a multiple of config.checkpoint_every="
+         f"{c.checkpoint_every}, else no checkpoint falls on it")
   _check(c.data.tokenizer in data.TOKENIZERS,
          f"config.data.tokenizer={c.data.tokenizer!r} is unknown; choose one of "
          f"{sorted(data.TOKENIZERS)}")

@@ -81,7 +81,10 @@ def train_step(state: TrainState, batch, rng, *, grad_accum_steps: int, schedule
   grads = jax.tree.map(lambda g: g / denominator, grads)
   metrics = {"loss": loss_sum / denominator, "accuracy": correct / denominator,
              "grad_norm": optax.tree.norm(grads), "learning_rate": schedule(state.step)}
-  return state.apply_gradients(grads=grads), metrics
+  state = state.apply_gradients(grads=grads)
+  if isinstance(state.opt_state, optax.ApplyIfFiniteState):  # config.skip_nonfinite
+    metrics["skipped_updates"] = state.opt_state.total_notfinite
+  return state, metrics
 
 
 def eval_step(state: TrainState, batch):
@@ -112,6 +115,8 @@ class Trainer:
     self.model = Transformer(ModelConfig.from_config(config.model))
     self.schedule = optim.learning_rate_schedule(config.optimizer, config.steps)
     tx = optim.make_optimizer(config.optimizer, config.steps)
+    if config.skip_nonfinite:  # a NaN/Inf gradient leaves params and optimizer state as they were
+      tx = optax.apply_if_finite(tx, max_consecutive_errors=np.iinfo(np.int32).max)
     self.batch_sharding = sharding.batch_sharding(self.mesh, self.rules)
     rows_per_step = config.batch_size // config.grad_accum_steps
     shards = self.batch_sharding.mesh.shape["data"] * self.batch_sharding.mesh.shape["fsdp"]
@@ -185,42 +190,118 @@ def write_config(config, workdir: str) -> None:
   path.write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
 
 
-def train(config, workdir: str, *, print_fn=print) -> dict:
-  """Trains `config.steps` steps, evaluating every `eval_every` and at the end; writes config.json,
-  metrics.jsonl, TensorBoard events and the final params to `workdir`. Returns the last eval."""
-  is_main = jax.process_index() == 0
+def _truncate_metrics(workdir: str, step: int) -> None:
+  """Drops the records after `step` (and a line cut short by a crash): a run that died after
+  logging past its last checkpoint recomputes those steps when it resumes, bit for bit, so keeping
+  the old records would log them twice."""
+  path = pathlib.Path(workdir) / "metrics.jsonl"
+  if not path.exists():
+    return
+  kept = []
+  for line in path.read_text(encoding="utf-8").splitlines():
+    try:
+      if json.loads(line)["step"] <= step:
+        kept.append(line + "\n")
+    except json.JSONDecodeError:
+      pass
+  path.write_text("".join(kept), encoding="utf-8")
+
+
+class NumericsGuard:
+  """Finds the first step whose loss or gradient norm is NaN/Inf without a host sync per step: the
+  steps' scalar metrics stay on device until the loop syncs anyway (to log or checkpoint)."""
+
+  def __init__(self, enabled: bool):
+    self.enabled = enabled
+    self._pending = []
+
+  def add(self, step: int, metrics) -> None:
+    if self.enabled:
+      self._pending.append((step, metrics["loss"], metrics["grad_norm"]))
+
+  def check(self) -> None:
+    pending, self._pending = jax.device_get(self._pending), []
+    for step, loss, grad_norm in pending:
+      if not (np.isfinite(loss) and np.isfinite(grad_norm)):
+        raise checkpoint.NonFiniteError(
+            f"step {step}: loss {loss}, grad_norm {grad_norm}; training stopped and the state "
+            f"was not checkpointed; {checkpoint.NonFiniteError.FIX}")
+
+
+def train(config, workdir: str, *, print_fn=print, devices=None) -> dict:
+  """Trains until `config.steps`, resuming from the latest checkpoint in `workdir` if there is one.
+
+  Evaluates every `eval_every` steps and at the end; checkpoints every `checkpoint_every` steps, at
+  the end, and on SIGTERM/SIGINT (then returns early, the checkpoint written); writes config.json,
+  metrics.jsonl, TensorBoard events and the final params. Returns the last eval."""
   pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
-  trainer = Trainer(config)
+  trainer = Trainer(config, devices=devices)
+  checkpointer = checkpoint.Checkpointer(workdir, config)
+  try:
+    return _train_loop(trainer, checkpointer, workdir, print_fn)
+  finally:
+    checkpointer.close()  # a save still in flight completes, even when the loop raised
+
+
+def _train_loop(trainer: Trainer, checkpointer: checkpoint.Checkpointer, workdir: str,
+                print_fn) -> dict:
+  config, is_main = trainer.config, jax.process_index() == 0
+  latest = checkpointer.latest_step()
+  if latest is not None:
+    checkpointer.restore(trainer, latest)
+  start = latest or 0
   if is_main:
     write_config(config, workdir)
+    _truncate_metrics(workdir, start)
     num_params = sum(x.size for x in jax.tree.leaves(trainer.state.params))
     print_fn(f"data: {trainer.corpus.description}")
     print_fn(f"model: {num_params / 1e6:.2f}M params; mesh {dict(trainer.mesh.shape)} over "
-             f"{jax.device_count()} {jax.devices()[0].platform} devices; workdir {workdir}")
+             f"{trainer.mesh.size} {jax.devices()[0].platform} devices; workdir {workdir}")
+    if latest is not None:
+      print_fn(f"resuming from step {start} of {config.steps} "
+               f"(checkpoint {checkpointer.step_dir(latest)})")
   writer = MetricsWriter(workdir, enabled=is_main)
+  guard = NumericsGuard(enabled=not config.skip_nonfinite)
   tokens_per_step = config.batch_size * config.model.block_size
-  progress = tqdm.tqdm(total=config.steps, disable=not is_main, unit="step", dynamic_ncols=True)
-  last_eval = {}
-  last_time, last_step = time.perf_counter(), 0
-  for index in range(config.steps):
-    metrics = trainer.step(index)
-    step = index + 1
-    if step % config.log_every == 0 or step == config.steps:
-      metrics = jax.device_get(metrics)  # the only host sync of the step loop
-      now = time.perf_counter()
-      tokens_per_sec = tokens_per_step * (step - last_step) / (now - last_time)
-      last_time, last_step = now, step
-      writer.write({"step": step, **metrics, "tokens_per_sec": tokens_per_sec})
-      progress.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{tokens_per_sec:,.0f}")
-    if step % config.eval_every == 0 or step == config.steps:
-      last_eval = trainer.evaluate()
-      writer.write({"step": step, **last_eval})
-      progress.write(f"step {step}: eval_loss {last_eval['eval_loss']:.4f} "
-                     f"(perplexity {last_eval['eval_perplexity']:.2f})")
-      last_time = time.perf_counter()  # eval time is not training throughput
-    progress.update(1)
+  progress = tqdm.tqdm(total=config.steps, initial=start, disable=not is_main, unit="step",
+                       dynamic_ncols=True)
+  last_eval, preempted = {}, False
+  last_time, last_step = time.perf_counter(), start
+  with checkpoint.stop_signals() as stop_requested:
+    for index in range(start, config.steps):
+      metrics = trainer.step(index)
+      step = index + 1
+      guard.add(step, metrics)
+      preempted = stop_requested() or checkpointer.reached_preemption(step)
+      final = step == config.steps
+      if step % config.log_every == 0 or final:
+        metrics = jax.device_get(metrics)  # with the guard's check, the step loop's only host sync
+        now = time.perf_counter()
+        tokens_per_sec = tokens_per_step * (step - last_step) / (now - last_time)
+        last_time, last_step = now, step
+        writer.write({"step": step, **metrics, "tokens_per_sec": tokens_per_sec})
+        progress.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{tokens_per_sec:,.0f}")
+        guard.check()
+      if step % config.eval_every == 0 or final:
+        last_eval = trainer.evaluate()
+        writer.write({"step": step, **last_eval})
+        progress.write(f"step {step}: eval_loss {last_eval['eval_loss']:.4f} "
+                       f"(perplexity {last_eval['eval_perplexity']:.2f})")
+        last_time = time.perf_counter()  # eval time is not training throughput
+      if preempted or final or checkpointer.should_save(step):
+        guard.check()
+        checkpointer.save(trainer, step)
+      progress.update(1)
+      if preempted:
+        break
   progress.close()
   writer.close()
+  if preempted:
+    checkpointer.wait()
+    if is_main:
+      print_fn(f"stopped by a preemption signal after step {step}; checkpoint "
+               f"{checkpointer.step_dir(step)} written; run the same command again to resume")
+    return last_eval
   checkpoint.export_params(workdir, trainer.state.params)
   s = config.sample  # every process samples (params may be sharded across hosts); one prints
   text = trainer.sample(s.prompt, max_new_tokens=s.max_new_tokens, temperature=s.temperature,

@@ -1,0 +1,292 @@
+"""Checkpoints: resume (bit-identical, onto other meshes), preemption, crash safety, numerics guard,
+exports, and the errors a broken or mismatched checkpoint gives."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from bigflax import checkpoint, data, train
+from bigflax.config import ConfigError, validate
+from bigflax.metrics import read_metrics
+from conftest import REPO, tiny_config
+
+ONE_DEVICE = jax.devices()[:1]
+
+# The `bigflax` CLI with one test hook: after step STOP_AT (argv[1]) the process sends itself
+# SIGNAL (argv[2]), as a scheduler would, or is SIGKILLed right after checkpoint step KILL_AT
+# started saving (argv[1] = "kill:KILL_AT"), i.e. in the middle of the async write.
+HOOKED_CLI = """
+import os, signal, sys
+from bigflax import checkpoint, cli, train
+when, signum = sys.argv.pop(1), getattr(signal, sys.argv.pop(1))
+if when.startswith("kill:"):
+  save = checkpoint.Checkpointer.save
+  def save_then_die(self, trainer, step, *args, **kwargs):
+    save(self, trainer, step, *args, **kwargs)
+    if step == int(when[5:]):
+      os.kill(os.getpid(), signum)
+  checkpoint.Checkpointer.save = save_then_die
+else:
+  step = train.Trainer.step
+  def step_then_signal(self, index):
+    metrics = step(self, index)
+    if index + 1 == int(when):
+      os.kill(os.getpid(), signum)
+    return metrics
+  train.Trainer.step = step_then_signal
+sys.argv[0] = "bigflax"
+cli.main()
+"""
+
+
+def cli_flags(corpus_file, workdir, **fields):
+  tiny = {"data.path": corpus_file, "data.tokenizer": "char", "model.block_size": 16,
+          "model.num_layers": 2, "model.num_heads": 2, "model.embed_dim": 32, "batch_size": 4,
+          "log_every": 1, "eval_every": 10, "eval_batches": 2, "optimizer.warmup_steps": 1,
+          "sample.max_new_tokens": 4, **fields}
+  return ["train", *(f"--config.{k}={v}" for k, v in tiny.items()), f"--workdir={workdir}"]
+
+
+def start_cli(args, hook=(), output=subprocess.PIPE) -> subprocess.Popen:
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device
+  command = [sys.executable, "-c", HOOKED_CLI, *hook] if hook else [sys.executable, "-m",
+                                                                   "bigflax"]
+  return subprocess.Popen([*command, *args], cwd=REPO, env=env, stdout=output, stderr=output,
+                          text=True)
+
+
+def run_cli(args, hook=()) -> subprocess.CompletedProcess:
+  process = start_cli(args, hook)
+  stdout, stderr = process.communicate(timeout=300)
+  return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def losses(workdir):
+  return [(r["step"], r["loss"]) for r in read_metrics(workdir) if "loss" in r]
+
+
+def test_sigterm_then_resume_continues_bit_identically(tmp_path, corpus_file):
+  whole, interrupted = tmp_path / "whole", tmp_path / "interrupted"
+  args = dict(steps=30, checkpoint_every=5, **{"model.dropout": 0.1})
+  log = open(tmp_path / "whole.log", "w")  # noqa: SIM115 - closed below
+  reference_run = start_cli(cli_flags(corpus_file, whole, **args), output=log)  # in parallel
+  first = run_cli(cli_flags(corpus_file, interrupted, **args), hook=("11", "SIGTERM"))
+  assert first.returncode == 0, first.stderr[-2000:]
+  assert "stopped by a preemption signal after step 11" in first.stdout
+  assert "sample" not in first.stdout  # preempted: no export, no sample
+  second = run_cli(cli_flags(corpus_file, interrupted, **args), hook=("23", "SIGINT"))
+  assert second.returncode == 0, second.stderr[-2000:]
+  assert "resuming from step 11 of 30" in second.stdout
+  assert "stopped by a preemption signal after step 23" in second.stdout
+  third = run_cli(cli_flags(corpus_file, interrupted, **args))
+  assert third.returncode == 0, third.stderr[-2000:]
+  assert "resuming from step 23 of 30" in third.stdout
+  assert reference_run.wait(timeout=300) == 0, (tmp_path / "whole.log").read_text()[-2000:]
+  log.close()
+
+  reference = losses(whole)
+  assert [step for step, _ in reference] == list(range(1, 31))
+  assert losses(interrupted) == reference  # same steps, once each, bitwise equal losses
+  evals = lambda w: [(r["step"], r["eval_loss"]) for r in read_metrics(w) if "eval_loss" in r]
+  assert evals(interrupted) == evals(whole)
+  assert sorted(os.listdir(interrupted / "checkpoints")) == ["23", "25", "30"]  # the latest 3
+
+
+def test_sigkill_during_an_async_save_keeps_the_previous_checkpoint(tmp_path, corpus_file):
+  workdir = tmp_path / "run"
+  # ~1.6M params: Adam state and params take a moment to write
+  args = cli_flags(corpus_file, workdir, steps=6, checkpoint_every=2, eval_every=100,
+                   **{"model.embed_dim": 256})
+  killed = run_cli(args, hook=("kill:4", "SIGKILL"))
+  assert killed.returncode == -9
+  entries = sorted(os.listdir(workdir / "checkpoints"))
+  assert "2" in entries and "4" not in entries
+  assert any(e.startswith("4.orbax-checkpoint-tmp") for e in entries), entries  # died mid-save
+  assert [step for step, _ in losses(workdir)] == [1, 2, 3, 4]
+
+  resumed = run_cli(args)
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  assert "resuming from step 2 of 6" in resumed.stdout
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4", "6"]  # leftovers removed
+  assert [step for step, _ in losses(workdir)] == [1, 2, 3, 4, 5, 6]
+
+
+def reshard_config(corpus_file, **mesh):
+  mesh = {"mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 1, **mesh}
+  # vocab 64 (≥ the corpus's characters) splits over tensor=2
+  return tiny_config(corpus_file, steps=6, **{"model.vocab_size": 64, **mesh})
+
+
+def test_restore_onto_other_meshes_continues_the_run(tmp_path, corpus_file):
+  source = train.Trainer(reshard_config(corpus_file, **{"mesh.data": 8}), devices=jax.devices())
+  for i in range(2):
+    source.step(i)
+  saver = checkpoint.Checkpointer(tmp_path, source.config)
+  saver.save(source, 2)
+  saver.close()
+  expected = [float(source.step(i)["loss"]) for i in range(2, 4)]
+
+  for mesh, devices in (({"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}, jax.devices()),
+                        ({}, ONE_DEVICE)):
+    target = train.Trainer(reshard_config(corpus_file, **mesh), devices=devices)
+    restorer = checkpoint.Checkpointer(tmp_path, target.config)
+    restorer.restore(target, 2)
+    restorer.close()
+    assert target.data_state()["step"] == 2
+    for array, want in zip(jax.tree.leaves(target.state), jax.tree.leaves(target.state_shardings)):
+      assert array.sharding == want  # restored straight into the new layout
+    got = [float(target.step(i)["loss"]) for i in range(2, 4)]
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
+
+
+def poison_step(monkeypatch, at_index):
+  """Batch `at_index` gets a NaN loss mask: its loss and gradient are NaN."""
+  batch = train.Trainer.batch
+
+  def poisoned(self, split, index, batch_size):
+    b = batch(self, split, index, batch_size)
+    if split == data.TRAIN and index == at_index:
+      b["loss_mask"] = b["loss_mask"] * np.nan
+    return b
+  monkeypatch.setattr(train.Trainer, "batch", poisoned)
+
+
+def test_nonfinite_loss_stops_the_run_naming_the_step(tmp_path, corpus_file, monkeypatch):
+  poison_step(monkeypatch, at_index=2)
+  with pytest.raises(checkpoint.NonFiniteError, match="step 3: loss nan, grad_norm nan"):
+    train.train(tiny_config(corpus_file, steps=6, checkpoint_every=2, log_every=3), tmp_path,
+                devices=ONE_DEVICE)
+  assert os.listdir(tmp_path / "checkpoints") == ["2"]  # nothing after the NaN was saved
+
+
+def test_skip_nonfinite_skips_and_counts_the_update(corpus_file, monkeypatch):
+  poison_step(monkeypatch, at_index=1)
+  trainer = train.Trainer(tiny_config(corpus_file, skip_nonfinite=True), devices=ONE_DEVICE)
+  trainer.step(0)
+  before = jax.device_get(trainer.state.params)
+  skipped = trainer.step(1)
+  assert np.isnan(skipped["loss"]) and int(skipped["skipped_updates"]) == 1
+  for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(trainer.state.params)):
+    np.testing.assert_array_equal(a, np.asarray(b))  # the update was not applied
+  after = trainer.step(2)
+  assert np.isfinite(after["loss"]) and int(after["skipped_updates"]) == 1
+
+
+def test_a_nonfinite_state_is_never_checkpointed(tmp_path, corpus_file):
+  trainer = train.Trainer(tiny_config(corpus_file), devices=ONE_DEVICE)
+  trainer.state = trainer.state.replace(
+      params=jax.tree.map(lambda p: p.at[(0,) * p.ndim].set(np.inf), trainer.state.params))
+  saver = checkpoint.Checkpointer(tmp_path, trainer.config)
+  with pytest.raises(checkpoint.NonFiniteError, match="state at step 1 holds NaN or Inf"):
+    saver.save(trainer, 1)
+  saver.close()
+  assert saver.latest_step() is None
+
+
+def run_config(corpus_file, steps=4, **overrides):
+  return tiny_config(corpus_file, steps=steps, checkpoint_every=2, eval_every=100,
+                     **{"optimizer.schedule": "constant", "sample.max_new_tokens": 2,
+                        **overrides})
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+  """A 4-step run with checkpoints at steps 2 and 4; tests work on copies (`run_copy`)."""
+  root = tmp_path_factory.mktemp("finished")
+  corpus = root / "corpus.txt"
+  corpus.write_text("".join(f"line {i}: the quick brown fox jumps over the lazy dog {i % 7}.\n"
+                            for i in range(800)))
+  train.train(run_config(corpus), root / "run", devices=ONE_DEVICE)
+  return root
+
+
+@pytest.fixture
+def run_copy(finished_run, tmp_path):
+  shutil.copytree(finished_run / "run", tmp_path / "run")
+  return tmp_path / "run", finished_run / "corpus.txt"
+
+
+def test_steps_logged_after_the_last_checkpoint_are_recomputed_once(run_copy):
+  workdir, corpus = run_copy
+  first = losses(workdir)
+  # As if the run died after logging step 4, before its checkpoint was committed.
+  shutil.rmtree(workdir / "checkpoints" / "4")
+  lines = []
+  train.train(run_config(corpus, steps=6), workdir, devices=ONE_DEVICE, print_fn=lines.append)
+  assert any("resuming from step 2 of 6" in line for line in lines)
+  again = losses(workdir)
+  assert [step for step, _ in again] == [1, 2, 3, 4, 5, 6]
+  assert again[:4] == first  # steps 3 and 4 recomputed bit for bit, and logged once
+
+
+def test_export_loads_through_the_python_api(run_copy):
+  workdir, corpus = run_copy
+  # README's snippet:
+  config, model, params, tokenizer = checkpoint.load_export(workdir)
+  logits = model.apply({"params": params}, np.array([tokenizer.encode("line 1")]))
+  assert logits.shape == (1, 6, config.model.vocab_size)
+  trainer = train.Trainer(run_config(corpus), devices=ONE_DEVICE)
+  saver = checkpoint.Checkpointer(workdir, trainer.config)
+  saver.restore(trainer, 4)  # the export holds exactly the final checkpoint's params
+  saver.close()
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(trainer.state.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_conflicting_config_is_refused_with_the_differences(run_copy):
+  workdir, corpus = run_copy
+  changed = run_config(corpus, steps=8, batch_size=4, **{"model.embed_dim": 16,
+                                                        "optimizer.learning_rate": 1e-3})
+  with pytest.raises(checkpoint.CheckpointError) as error:
+    train.train(changed, workdir, devices=ONE_DEVICE)
+  message = str(error.value)
+  assert "config.batch_size: 8 in the checkpoint, 4 now" in message
+  assert "config.model.embed_dim: 32 in the checkpoint, 16 now" in message
+  assert "learning_rate" not in message and "steps" not in message  # these may change
+
+
+def test_arrays_of_another_shape_are_listed(run_copy, tmp_path):
+  workdir, corpus = run_copy
+  other = train.Trainer(run_config(corpus, **{"model.embed_dim": 16}), devices=ONE_DEVICE)
+  saver = checkpoint.Checkpointer(tmp_path / "other", other.config)
+  saver.save(other, 4)
+  saver.close()
+  checkpoint.export_params(tmp_path / "other", other.state.params)
+  for item in ("params", "checkpoints/4/state"):  # e.g. copied from the wrong run
+    shutil.rmtree(workdir / item)
+    shutil.copytree(tmp_path / "other" / item, workdir / item)
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=r"params was written by a model of a different shape.*\n(  .*\n)*"
+                           r"  \S+: \(16,\) in the checkpoint, \(32,\) in the model"):
+    checkpoint.load_export(workdir)
+  with pytest.raises(checkpoint.CheckpointError, match=r"opt_state/.*: \(16,\) in the checkpoint"):
+    train.train(run_config(corpus, steps=6), workdir, devices=ONE_DEVICE)
+
+
+def test_a_corrupted_checkpoint_is_named_and_an_older_one_offered(run_copy):
+  workdir, corpus = run_copy
+  broken = workdir / "checkpoints" / "4"
+  (broken / "state" / "manifest.ocdbt").unlink()
+  with pytest.raises(checkpoint.CheckpointError) as error:
+    train.train(run_config(corpus, steps=6), workdir, devices=ONE_DEVICE)
+  assert f"checkpoint {broken} is corrupted or incomplete" in str(error.value)
+  assert f"mv {broken} {broken}.broken" in str(error.value)
+  assert "resume from step 2" in str(error.value)
+  broken.rename(f"{broken}.broken")  # what the message says to do
+  trainer = train.Trainer(run_config(corpus, steps=6), devices=ONE_DEVICE)
+  saver = checkpoint.Checkpointer(workdir, trainer.config)
+  assert saver.latest_step() == 2
+  saver.restore(trainer, 2)
+  assert trainer.data_state()["step"] == 2
+  saver.close()
+
+
+def test_keep_every_must_fall_on_checkpoints(corpus_file):
+  with pytest.raises(ConfigError, match="config.keep_every=15 must be a multiple of "
+                                        "config.checkpoint_every=10"):
+    validate(tiny_config(corpus_file, checkpoint_every=10, keep_every=15))
