@@ -26,13 +26,16 @@ def _experiment_name(config) -> str:
 
 
 def _train() -> None:
-  from bigflax import train  # imported here so `bigflax --help` stays fast
+  from bigflax import distributed, train  # imported here so `bigflax --help` stays fast
   config = flags.FLAGS.config
+  config_lib.validate(config)
+  distributed.initialize(config.distributed)  # before anything starts a JAX backend
   workdir = _WORKDIR.value or str(pathlib.Path("runs") / _experiment_name(config))
   if not config.name:
     with config.unlocked():
       config.name = _experiment_name(config)
-  train.train(config, workdir)
+  with distributed.stdout_from_process_zero():
+    train.train(config, workdir)
 
 
 def _sample() -> None:

@@ -69,8 +69,15 @@ def make_mesh(mesh_config, devices=None) -> Mesh:
 
 
 def rules_of(mesh_config) -> tuple:
-  return tuple((name, axes if axes is None or isinstance(axes, str) else tuple(axes))
-               for name, axes in mesh_config.rules)
+  """`config.mesh.rules` as flax wants them, after checking that every rule names real mesh axes."""
+  rules = tuple((name, axes if axes is None or isinstance(axes, str) else tuple(axes))
+                for name, axes in mesh_config.rules)
+  for name, axes in rules:
+    for axis in (axes,) if isinstance(axes, str) else axes or ():
+      if axis not in MESH_AXES:
+        raise ShardingError(f"config.mesh.rules maps {name!r} to {axis!r}, which is not a mesh "
+                            f"axis; use one of {MESH_AXES} or None")
+  return rules
 
 
 @contextlib.contextmanager
