@@ -25,11 +25,31 @@ def base() -> ml_collections.ConfigDict:
   c.log_every = 10
   c.eval_every = 200
   c.eval_batches = 20
+  # Checkpoints (WORKDIR/checkpoints/<step>/, Orbax, async) every checkpoint_every steps, at the
+  # end and on SIGTERM/SIGINT; 0 = only then. `bigflax train` resumes from the latest one.
+  c.checkpoint_every = 100
+  c.keep_checkpoints = 3  # the latest K are kept
+  c.keep_every = 0  # also keep every M-th step's checkpoint for good; 0 = off
+  # A NaN/Inf gradient skips its update (counted in metrics as skipped_updates) instead of
+  # stopping the run.
+  c.skip_nonfinite = False
 
   c.data = ml_collections.ConfigDict()
-  c.data.path = ""  # a text file; empty = the Python standard library's .py files
-  c.data.tokenizer = "byte"  # byte | char
-  c.data.val_fraction = 0.1
+  # "" = text when data.path is set, else stdlib (the Python standard library's .py files);
+  # text | stdlib | tfds:NAME (a prepared TFDS dataset: tfds:lm1b, tfds:c4/en:3.1.0)
+  c.data.source = ""
+  c.data.path = ""  # text: a file, a directory or a glob
+  c.data.documents = "file"  # text: one document per file | paragraph (blank-line separated)
+  c.data.data_dir = ""  # TFDS data dir (local builds are cached there); "" = TFDS's default
+  c.data.train_split = "train"  # tfds: split names and the feature holding the text
+  c.data.val_split = "validation"
+  c.data.text_feature = "text"
+  c.data.tokenizer = "byte"  # byte | char | sentencepiece
+  c.data.tokenizer_model = ""  # sentencepiece: the .model file (tools/train_tokenizer.py)
+  # packed: whole documents packed into rows with segment ids | windows: nanoGPT's random windows
+  c.data.batching = "packed"
+  c.data.prefetch = 2  # batches prepared ahead in a background thread; 0 = none
+  c.data.val_fraction = 0.1  # text and stdlib: the share of the corpus that validates
   # Filled in from the corpus when empty (char tokenizer): the sorted distinct characters.
   c.data.charset = ""
 
@@ -112,11 +132,21 @@ def validate(c: ml_collections.ConfigDict) -> None:
     for part in key.split("."):
       value = value[part]
     _check(value > 0, f"config.{key} must be a positive integer, got {value}")
+  _check(c.checkpoint_every >= 0 and c.keep_every >= 0 and c.keep_checkpoints > 0,
+         "config.checkpoint_every and config.keep_every must be >= 0 and "
+         "config.keep_checkpoints > 0")
+  _check(not (c.keep_every and c.checkpoint_every) or c.keep_every % c.checkpoint_every == 0,
+         f"config.keep_every={c.keep_every} must be a multiple of config.checkpoint_every="
+         f"{c.checkpoint_every}, else no checkpoint falls on it")
   _check(c.data.tokenizer in data.TOKENIZERS,
          f"config.data.tokenizer={c.data.tokenizer!r} is unknown; choose one of "
          f"{sorted(data.TOKENIZERS)}")
   _check(0.0 < c.data.val_fraction < 1.0,
          f"config.data.val_fraction must be in (0, 1), got {c.data.val_fraction}")
+  for key, choices in (("batching", data.BATCHINGS), ("documents", data.DOCUMENT_UNITS)):
+    _check(c.data[key] in choices, f"config.data.{key}={c.data[key]!r} is unknown; choose one "
+           f"of {sorted(choices)}")
+  _check(c.data.prefetch >= 0, f"config.data.prefetch must be >= 0, got {c.data.prefetch}")
   _check(c.model.embed_dim % c.model.num_heads == 0,
          f"config.model.embed_dim={c.model.embed_dim} is not divisible by "
          f"config.model.num_heads={c.model.num_heads}; change one of them")
