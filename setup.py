@@ -22,7 +22,12 @@ setup(
         "tqdm==4.70.1",
         "tensorboardX==2.6.5",
         "matplotlib==3.11.2",
+        "safetensors==0.8.0",  # Hugging Face checkpoints (bigflax.interop), read without torch
     ],
-    extras_require={"test": ["pytest==9.2.0", "portpicker==1.6.0"]},
+    # torch and transformers build the reference models of the HF parity tests. torch is pinned
+    # exactly: its CPU wheel is on the build machines, while an unpinned torch pulls several GB of
+    # CUDA wheels.
+    extras_require={"test": ["pytest==9.2.0", "portpicker==1.6.0", "torch==2.13.0",
+                             "transformers==5.23.0"]},
     entry_points={"console_scripts": ["bigflax=bigflax.cli:main"]},
 )

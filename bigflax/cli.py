@@ -42,10 +42,10 @@ def _sample() -> None:
   if not _WORKDIR.value:
     raise UserError("bigflax sample needs --workdir DIR, the directory of a finished run")
   from bigflax import checkpoint, decode
-  config, apply_fn, params, tokenizer = checkpoint.load_export(_WORKDIR.value)
+  config, model, params, tokenizer = checkpoint.load_export(_WORKDIR.value)
   s = config.sample
   print(decode.sample_text(
-      apply_fn, params, tokenizer, config.model.block_size, _PROMPT.value if _PROMPT.value is not None else s.prompt,
+      model, params, tokenizer, s.prompt if _PROMPT.value is None else _PROMPT.value,
       max_new_tokens=_MAX_NEW_TOKENS.value or s.max_new_tokens,
       temperature=s.temperature if _TEMPERATURE.value is None else _TEMPERATURE.value,
       top_k=s.top_k if _TOP_K.value is None else _TOP_K.value,

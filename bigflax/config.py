@@ -12,7 +12,7 @@ import ml_collections
 
 from bigflax import data, optim, sharding
 from bigflax.errors import UserError
-from bigflax.model import DTYPES
+from bigflax.model import DTYPES, MLPS, NORMS, POSITIONS, REMAT_POLICIES
 
 
 def base() -> ml_collections.ConfigDict:
@@ -22,6 +22,9 @@ def base() -> ml_collections.ConfigDict:
   c.steps = 600
   c.batch_size = 16
   c.grad_accum_steps = 1
+  # Weight of the z-loss, mean log²Z of the softmax normalizer (PaLM: 1e-4); keeps logits from
+  # drifting. 0 = off.
+  c.z_loss = 0.0
   c.log_every = 10
   c.eval_every = 200
   c.eval_batches = 20
@@ -60,9 +63,22 @@ def base() -> ml_collections.ConfigDict:
   c.model.num_heads = 4
   c.model.embed_dim = 128
   c.model.mlp_dim = 0  # 0 = 4 * embed_dim
+  # Fewer key/value heads than query heads: grouped-query attention (1: multi-query); 0 = all.
+  c.model.num_kv_heads = 0
   c.model.dropout = 0.0
-  c.model.use_bias = True
-  c.model.tie_embeddings = True
+  c.model.use_bias = True  # biases of every projection and LayerNorm (GPT: on; Llama: off)
+  c.model.tie_embeddings = True  # output projection = the token embedding (GPT-2: tied)
+  c.model.norm = "layernorm"  # layernorm | rmsnorm
+  c.model.norm_eps = 1e-5
+  c.model.positions = "learned"  # learned (a table of block_size rows) | rope (rotary)
+  c.model.rope_theta = 10000.0  # rope: the base of the rotation frequencies
+  # gelu (exact erf) | gelu_tanh (GPT-2's tanh approximation, "gelu_new") | swiglu (Llama)
+  c.model.mlp = "gelu_tanh"
+  # One nn.scan over the layers (params stacked on a `layers` axis): compile time independent of
+  # depth. bigflax.model.stack_layers / unstack_layers convert params between the two layouts.
+  c.model.scan_layers = False
+  # Activations the backward pass recomputes: none | full | save_dots | save_dots_no_batch
+  c.model.remat = "none"
   c.model.dtype = "float32"
   c.model.param_dtype = "float32"
 
@@ -152,9 +168,18 @@ def validate(c: ml_collections.ConfigDict) -> None:
          f"config.model.num_heads={c.model.num_heads}; change one of them")
   _check(0.0 <= c.model.dropout < 1.0, f"config.model.dropout must be in [0, 1), got "
          f"{c.model.dropout}")
-  for key in ("dtype", "param_dtype"):
-    _check(c.model[key] in DTYPES, f"config.model.{key}={c.model[key]!r} is unknown; choose "
-           f"one of {sorted(DTYPES)}")
+  kv_heads = c.model.num_kv_heads or c.model.num_heads
+  _check(c.model.num_kv_heads >= 0 and c.model.num_heads % kv_heads == 0,
+         f"config.model.num_kv_heads={c.model.num_kv_heads} must divide config.model.num_heads="
+         f"{c.model.num_heads} (or be 0 for num_heads)")
+  _check(c.model.positions != "rope" or (c.model.embed_dim // c.model.num_heads) % 2 == 0,
+         "config.model.positions='rope' rotates pairs of dimensions and needs an even head "
+         "dimension (config.model.embed_dim / config.model.num_heads)")
+  _check(c.z_loss >= 0, f"config.z_loss must be >= 0, got {c.z_loss}")
+  for key, choices in (("norm", NORMS), ("positions", POSITIONS), ("mlp", MLPS),
+                       ("remat", REMAT_POLICIES), ("dtype", DTYPES), ("param_dtype", DTYPES)):
+    _check(c.model[key] in choices, f"config.model.{key}={c.model[key]!r} is unknown; choose "
+           f"one of {sorted(choices)}")
   _check(c.optimizer.name in optim.OPTIMIZERS, f"config.optimizer.name="
          f"{c.optimizer.name!r} is unknown; choose one of {sorted(optim.OPTIMIZERS)}")
   _check(c.optimizer.schedule in optim.SCHEDULES, f"config.optimizer.schedule="

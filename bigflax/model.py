@@ -1,13 +1,23 @@
-"""A decoder-only Transformer (GPT) in Flax linen.
+"""A decoder-only Transformer in Flax linen, with the options GPT-2, GPT-3 and Llama use.
 
 The model knows nothing about devices: every parameter is created with logical axis names and the
 main activations are constrained with logical names. `bigflax.sharding` maps those names onto a
 mesh, so the same module runs on one CPU or a pod slice.
 
-Logical axes: batch, length, embed, heads, head_dim, mlp, vocab.
+Logical axes: batch, length, embed, heads, kv_heads, head_dim, mlp, vocab, layers.
+
+Options (each a registry below, chosen by name in `config.model`):
+  norm       layernorm (GPT) | rmsnorm (Llama)
+  positions  learned (GPT) | rope (Llama; rotary, `rope_theta`)
+  mlp        gelu (exact) | gelu_tanh (GPT-2's "gelu_new") | swiglu (Llama)
+  remat      none | full | save_dots | save_dots_no_batch  (jax.checkpoint policies)
+num_kv_heads < num_heads gives grouped-query (or, at 1, multi-query) attention; scan_layers stacks
+the blocks' params on a leading `layers` axis and runs them with one nn.scan, so compile time does
+not grow with depth.
 """
 
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
@@ -19,20 +29,32 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   vocab_size: int
-  block_size: int
+  block_size: int  # longest sequence, and the length of the decoding cache
   num_layers: int
   num_heads: int
   embed_dim: int
   mlp_dim: int
+  num_kv_heads: int = 0  # 0 = num_heads (multi-head attention)
   dropout: float = 0.0
   use_bias: bool = True
   tie_embeddings: bool = True
+  norm: str = "layernorm"
+  norm_eps: float = 1e-5
+  positions: str = "learned"
+  rope_theta: float = 10000.0
+  mlp: str = "gelu_tanh"
+  scan_layers: bool = False
+  remat: str = "none"
   dtype: str = "float32"  # compute dtype of activations and matmuls
   param_dtype: str = "float32"
 
   @property
   def head_dim(self) -> int:
     return self.embed_dim // self.num_heads
+
+  @property
+  def kv_heads(self) -> int:
+    return self.num_kv_heads or self.num_heads
 
   @classmethod
   def from_config(cls, model_config) -> "ModelConfig":
@@ -60,15 +82,48 @@ def _ones(axes):
   return nn.with_logical_partitioning(nn.initializers.ones_init(), axes)
 
 
-class LayerNorm(nn.Module):
-  cfg: ModelConfig
+def _layer_norm(cfg: ModelConfig, name: str) -> nn.Module:
+  return nn.LayerNorm(epsilon=cfg.norm_eps, use_bias=cfg.use_bias, dtype=DTYPES[cfg.dtype],
+                      param_dtype=DTYPES[cfg.param_dtype], scale_init=_ones(("embed",)),
+                      bias_init=_zeros(("embed",)), name=name)
 
-  @nn.compact
-  def __call__(self, x):
-    return nn.LayerNorm(
-        epsilon=1e-5, use_bias=self.cfg.use_bias, dtype=DTYPES[self.cfg.dtype],
-        param_dtype=DTYPES[self.cfg.param_dtype], scale_init=_ones(("embed",)),
-        bias_init=_zeros(("embed",)))(x)
+
+def _rms_norm(cfg: ModelConfig, name: str) -> nn.Module:
+  return nn.RMSNorm(epsilon=cfg.norm_eps, dtype=DTYPES[cfg.dtype],
+                    param_dtype=DTYPES[cfg.param_dtype], scale_init=_ones(("embed",)), name=name)
+
+
+NORMS = {"layernorm": _layer_norm, "rmsnorm": _rms_norm}
+
+# name → (activation, gated). A gated MLP computes act(gate(x)) * up(x) (SwiGLU, Shazeer 2020).
+MLPS = {
+    "gelu": (functools.partial(nn.gelu, approximate=False), False),
+    "gelu_tanh": (functools.partial(nn.gelu, approximate=True), False),
+    "swiglu": (nn.silu, True),
+}
+
+# How much of a block's forward pass the backward pass keeps instead of recomputing.
+REMAT_POLICIES = {
+    "none": None,  # keep every activation: no nn.remat at all
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_dots": jax.checkpoint_policies.dots_saveable,
+    "save_dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+POSITIONS = ("learned", "rope")
+
+
+def rotary(x, positions, theta: float):
+  """Rotary position embedding of x [batch, length, heads, head_dim] at positions [batch, length].
+
+  Uses the "rotate half" layout of GPT-NeoX and Hugging Face Llama: dimension i is paired with
+  i + head_dim/2, so HF checkpoints load without permuting their q/k weights."""
+  half = x.shape[-1] // 2
+  inv_freq = 1.0 / theta ** (jnp.arange(half, dtype=jnp.float32) * 2 / x.shape[-1])
+  angles = positions[..., None].astype(jnp.float32) * inv_freq  # [batch, length, half]
+  cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
 class Einsum(nn.Module):
@@ -93,37 +148,73 @@ class Einsum(nn.Module):
     return y
 
 
+def _residual_std(cfg: ModelConfig) -> float:
+  # GPT-2 init: N(0, 0.02), and the projections that write into the residual stream are scaled
+  # by 1/sqrt(2 * num_layers) so the residual variance does not grow with depth.
+  return 0.02 / (2 * cfg.num_layers) ** 0.5
+
+
 class CausalSelfAttention(nn.Module):
+  """Attention of each token to the earlier tokens of its own segment.
+
+  With decode=True the keys and values are also written into a preallocated "cache" collection
+  ([batch, block_size, kv_heads, head_dim], slot = position) and the queries attend to every
+  cached slot at or before their position: one call can prefill a prompt or add one token."""
   cfg: ModelConfig
+  decode: bool = False
 
   @nn.compact
-  def __call__(self, x, *, deterministic: bool):
+  def __call__(self, x, positions, segment_ids, *, deterministic: bool):
     cfg = self.cfg
-    dtype, param_dtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
-    # GPT-2 init: N(0, 0.02), and the projections that write into the residual stream are scaled
-    # by 1/sqrt(2 * num_layers) so the residual variance does not grow with depth.
-    residual_std = 0.02 / (2 * cfg.num_layers) ** 0.5
+    dtype = DTYPES[cfg.dtype]
 
-    def project(name):
-      return Einsum("ble,ehd->blhd", (cfg.embed_dim, cfg.num_heads, cfg.head_dim),
-                    ("embed", "heads", "head_dim"), 0.02, cfg, name=name)(x)
+    def project(name, heads, heads_axis):
+      y = Einsum("ble,ehd->blhd", (cfg.embed_dim, heads, cfg.head_dim),
+                 ("embed", heads_axis, "head_dim"), 0.02, cfg, name=name)(x)
+      return nn.with_logical_constraint(y, ("batch", "length", heads_axis, "head_dim"))
 
-    q, k, v = project("query"), project("key"), project("value")
-    q, k, v = (nn.with_logical_constraint(t, ("batch", "length", "heads", "head_dim"))
-               for t in (q, k, v))
+    q = project("query", cfg.num_heads, "heads")
+    k = project("key", cfg.kv_heads, "kv_heads")
+    v = project("value", cfg.kv_heads, "kv_heads")
+    if cfg.positions == "rope":
+      q, k = rotary(q, positions, cfg.rope_theta), rotary(k, positions, cfg.rope_theta)
+
+    if self.decode:
+      k, v = self._write_cache(k, v, positions)
+      # Cache slot s holds position s; slots past a query's position are empty or stale.
+      mask = jnp.arange(cfg.block_size)[None, None, :] <= positions[:, :, None]
+    else:
+      index = jnp.arange(x.shape[1])
+      same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]
+      mask = (index[None, :, None] >= index[None, None, :]) & same_segment
+
+    # Grouped-query attention: query head h reads kv head h // group (Hugging Face's layout).
+    group = cfg.num_heads // cfg.kv_heads
+    q = q.reshape(*q.shape[:2], cfg.kv_heads, group, cfg.head_dim)
     # Scores and softmax in f32 whatever the compute dtype: bf16 logits lose the small differences
     # that decide where attention goes.
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+    scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32)
     scores = scores / jnp.sqrt(cfg.head_dim).astype(jnp.float32)
-    length = x.shape[1]
-    causal = jnp.tril(jnp.ones((length, length), dtype=bool))
-    scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(scores, axis=-1).astype(dtype)
     weights = nn.Dropout(cfg.dropout)(weights, deterministic=deterministic)
-    out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+    out = jnp.einsum("bkgqs,bskd->bqkgd", weights, v.astype(dtype))
+    out = out.reshape(*out.shape[:2], cfg.num_heads, cfg.head_dim)
     out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
     return Einsum("blhd,hde->ble", (cfg.num_heads, cfg.head_dim, cfg.embed_dim),
-                  ("heads", "head_dim", "embed"), residual_std, cfg, name="out")(out)
+                  ("heads", "head_dim", "embed"), _residual_std(cfg), cfg, name="out")(out)
+
+  def _write_cache(self, k, v, positions):
+    """Stores k, v [batch, length, kv_heads, head_dim] at their positions; returns whole caches."""
+    shape = (k.shape[0], self.cfg.block_size, *k.shape[2:])
+    rows = jnp.arange(k.shape[0])[:, None]
+    caches = []
+    for name, new in (("cached_key", k), ("cached_value", v)):
+      cache = self.variable("cache", name, jnp.zeros, shape, new.dtype)
+      # Positions past the cache are dropped (JAX's out-of-bounds scatter semantics).
+      cache.value = cache.value.at[rows, positions].set(new)
+      caches.append(cache.value)
+    return caches
 
 
 class MLP(nn.Module):
@@ -132,57 +223,115 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x, *, deterministic: bool):
     cfg = self.cfg
-    dtype, param_dtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
-    h = nn.Dense(cfg.mlp_dim, use_bias=cfg.use_bias, dtype=dtype, param_dtype=param_dtype,
-                 kernel_init=_init(0.02, ("embed", "mlp")), bias_init=_zeros(("mlp",)),
-                 name="up")(x)
-    h = nn.with_logical_constraint(nn.gelu(h), ("batch", "length", "mlp"))
-    h = nn.Dense(cfg.embed_dim, use_bias=cfg.use_bias, dtype=dtype, param_dtype=param_dtype,
-                 kernel_init=_init(0.02 / (2 * cfg.num_layers) ** 0.5, ("mlp", "embed")),
-                 bias_init=_zeros(("embed",)), name="down")(h)
+    activation, gated = MLPS[cfg.mlp]
+
+    def dense(features, axes, stddev, name):
+      return nn.Dense(features, use_bias=cfg.use_bias, dtype=DTYPES[cfg.dtype],
+                      param_dtype=DTYPES[cfg.param_dtype], kernel_init=_init(stddev, axes),
+                      bias_init=_zeros(axes[-1:]), name=name)
+
+    h = dense(cfg.mlp_dim, ("embed", "mlp"), 0.02, "up")(x)
+    if gated:
+      h = activation(dense(cfg.mlp_dim, ("embed", "mlp"), 0.02, "gate")(x)) * h
+    else:
+      h = activation(h)
+    h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
+    h = dense(cfg.embed_dim, ("mlp", "embed"), _residual_std(cfg), "down")(h)
     return nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
 
 
 class Block(nn.Module):
-  """Pre-LayerNorm block: x + attn(ln(x)), then x + mlp(ln(x))."""
+  """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)).
+
+  Takes and returns (x, _) so the same module runs in a Python loop or under nn.scan."""
   cfg: ModelConfig
+  deterministic: bool = True
+  decode: bool = False
 
   @nn.compact
-  def __call__(self, x, *, deterministic: bool):
-    h = CausalSelfAttention(self.cfg, name="attn")(
-        LayerNorm(self.cfg, name="ln_attn")(x), deterministic=deterministic)
-    x = x + nn.Dropout(self.cfg.dropout)(h, deterministic=deterministic)
-    x = x + MLP(self.cfg, name="mlp")(LayerNorm(self.cfg, name="ln_mlp")(x),
-                                      deterministic=deterministic)
-    return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+  def __call__(self, x, positions, segment_ids):
+    cfg, deterministic = self.cfg, self.deterministic
+    h = CausalSelfAttention(cfg, self.decode, name="attn")(
+        NORMS[cfg.norm](cfg, "norm_attn")(x), positions, segment_ids,
+        deterministic=deterministic)
+    x = x + nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
+    x = x + MLP(cfg, name="mlp")(NORMS[cfg.norm](cfg, "norm_mlp")(x),
+                                 deterministic=deterministic)
+    return nn.with_logical_constraint(x, ("batch", "length", "embed")), None
+
+
+def _block_class(cfg: ModelConfig):
+  if REMAT_POLICIES[cfg.remat] is None:
+    return Block
+  # Inside nn.scan the loop already stops XLA from merging recomputation with the forward pass;
+  # prevent_cse is only needed (and only costs) for unrolled layers.
+  return nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
 
 
 class Transformer(nn.Module):
-  """tokens [batch, length] int32 → logits [batch, length, vocab] (compute dtype)."""
+  """tokens [batch, length] int32 → logits [batch, length, vocab] (compute dtype).
+
+  positions [batch, length] (default 0, 1, …) index the position embedding or rotation;
+  segment_ids [batch, length] (default all one) keep packed documents apart: a token attends only
+  to earlier tokens with its own segment id. decode=True reads and writes the "cache" collection
+  (see CausalSelfAttention); then positions say where each token goes."""
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens, *, deterministic: bool = True):
+  def __call__(self, tokens, positions=None, segment_ids=None, *, deterministic: bool = True,
+               decode: bool = False):
     cfg = self.cfg
     dtype, param_dtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
     if tokens.shape[1] > cfg.block_size:
       raise ValueError(f"sequence length {tokens.shape[1]} exceeds model.block_size "
                        f"{cfg.block_size}")
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    if segment_ids is None:
+      segment_ids = jnp.ones_like(tokens)
     token_embed = nn.Embed(cfg.vocab_size, cfg.embed_dim, dtype=dtype, param_dtype=param_dtype,
                            embedding_init=_init(0.02, ("vocab", "embed")), name="token_embed")
-    position_embed = nn.Embed(cfg.block_size, cfg.embed_dim, dtype=dtype,
-                              param_dtype=param_dtype,
-                              embedding_init=_init(0.02, (None, "embed")), name="position_embed")
-    positions = jnp.arange(tokens.shape[1])[None, :]
-    x = token_embed(tokens) + position_embed(positions)
+    x = token_embed(tokens)
+    if cfg.positions == "learned":
+      x += nn.Embed(cfg.block_size, cfg.embed_dim, dtype=dtype, param_dtype=param_dtype,
+                    embedding_init=_init(0.02, (None, "embed")), name="position_embed")(positions)
     x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-    for i in range(cfg.num_layers):
-      x = Block(cfg, name=f"block_{i}")(x, deterministic=deterministic)
-    x = LayerNorm(cfg, name="ln_final")(x)
+
+    block = _block_class(cfg)
+    if cfg.scan_layers:
+      blocks = nn.scan(block, variable_axes={"params": 0, "cache": 0},
+                       split_rngs={"params": True, "dropout": True},
+                       in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                       metadata_params={nn.PARTITION_NAME: "layers"})
+      x, _ = blocks(cfg, deterministic, decode, name="blocks")(x, positions, segment_ids)
+    else:
+      for i in range(cfg.num_layers):
+        x, _ = block(cfg, deterministic, decode, name=f"block_{i}")(x, positions, segment_ids)
+
+    x = NORMS[cfg.norm](cfg, "norm_final")(x)
     if cfg.tie_embeddings:
       logits = token_embed.attend(x)
     else:
       logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=dtype, param_dtype=param_dtype,
                         kernel_init=_init(0.02, ("embed", "vocab")), name="lm_head")(x)
     return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+
+
+def stack_layers(tree, num_layers: int):
+  """Unscanned params (or grads, or caches) → the scanned layout: block_0 … block_{n-1} become
+  one `blocks` subtree whose leaves have a leading layers dimension."""
+  tree = dict(tree)
+  layers = [tree.pop(f"block_{i}") for i in range(num_layers)]
+  tree["blocks"] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+  return tree
+
+
+def unstack_layers(tree):
+  """The scanned layout → unscanned: the inverse of stack_layers."""
+  tree = dict(tree)
+  blocks = tree.pop("blocks")
+  num_layers = jax.tree.leaves(blocks)[0].shape[0]
+  for i in range(num_layers):
+    tree[f"block_{i}"] = jax.tree.map(lambda x, i=i: x[i], blocks)
+  return tree

@@ -180,9 +180,9 @@ class Trainer:
   def sample(self, prompt: str, *, max_new_tokens: int, temperature: float, top_k: int,
              top_p: float, seed: int) -> str:
     return decode.sample_text(
-        self.model.apply, self.state.params, self.corpus.tokenizer, self.config.model.block_size,
-        prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-        top_p=top_p, seed=seed)
+        self.model, self.state.params, self.corpus.tokenizer, prompt,
+        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+        seed=seed)
 
 
 def write_config(config, workdir: str) -> None:

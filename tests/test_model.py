@@ -1,19 +1,62 @@
+import dataclasses
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
+import optax
 import pytest
 
-from bigflax.model import ModelConfig, Transformer, abstract_params
+from bigflax import presets
+from bigflax.model import (ModelConfig, Transformer, abstract_params, stack_layers,
+                           unstack_layers)
+from bigflax.objective import next_token_loss
 
 CFG = ModelConfig(vocab_size=50, block_size=16, num_layers=2, num_heads=2, embed_dim=32,
                   mlp_dim=64)
+OPTIONS = ("norm", "norm_eps", "positions", "rope_theta", "mlp", "use_bias", "tie_embeddings")
+
+
+def preset_options(name: str) -> ModelConfig:
+  """CFG's tiny sizes with the architecture options of a preset (GQA kept as 4 heads : 2)."""
+  model = ml_collections.ConfigDict(dataclasses.asdict(CFG))
+  presets.PRESETS[name](model)
+  grouped = model.num_kv_heads not in (0, model.num_heads)
+  return dataclasses.replace(CFG, num_heads=4, num_kv_heads=2 if grouped else 0,
+                             **{k: model[k] for k in OPTIONS})
+
+
+# Every distinct option combination the presets use, plus the layouts that change the code path.
+COMBOS = {}
+for _name in presets.PRESETS:
+  COMBOS.setdefault(preset_options(_name), _name)
+COMBOS = {name: cfg for cfg, name in COMBOS.items()}
+COMBOS["llama2_70b_scanned_remat"] = dataclasses.replace(
+    COMBOS["llama2_70b"], scan_layers=True, remat="save_dots")
+COMBOS["gpt2_124m_scanned"] = dataclasses.replace(COMBOS["gpt2_124m"], scan_layers=True)
+
+
+class Jitted:
+  """A Transformer whose init and apply are jitted: tests then compile once instead of
+  dispatching (and compiling) every operation eagerly."""
+
+  def __init__(self, cfg):
+    self.cfg, self.module = cfg, Transformer(cfg)
+    self.apply = jax.jit(self.module.apply, static_argnames=("deterministic",))
 
 
 def init(cfg=CFG):
-  model = Transformer(cfg)
-  params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, cfg.block_size), jnp.int32)))
-  return model, params["params"]
+  model = Jitted(cfg)
+  params = jax.jit(model.module.init)(jax.random.key(0), jnp.zeros((1, cfg.block_size),
+                                                                   jnp.int32))
+  return model, nn.unbox(params)["params"]
+
+
+def test_the_combos_cover_gpt_and_llama_with_grouped_query_attention():
+  assert {"gpt2_124m", "llama2_7b", "llama2_70b"} <= set(COMBOS)
+  assert COMBOS["llama2_70b"].kv_heads == 2 and COMBOS["llama2_7b"].kv_heads == 4
 
 
 def test_logits_shape_and_dtype():
@@ -23,8 +66,9 @@ def test_logits_shape_and_dtype():
   assert logits.shape == (3, 10, 50) and logits.dtype == jnp.float32
 
 
-def test_causal_future_tokens_do_not_change_past_logits():
-  model, params = init()
+@pytest.mark.parametrize("cfg", COMBOS.values(), ids=COMBOS.keys())
+def test_causal_future_tokens_do_not_change_past_logits(cfg):
+  model, params = init(cfg)
   tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, 50)
   changed = tokens.at[:, 9:].set((tokens[:, 9:] + 7) % 50)
   a = model.apply({"params": params}, tokens)
@@ -64,7 +108,7 @@ def test_bfloat16_compute_keeps_float32_params():
   logits = model.apply({"params": params}, jnp.ones((1, 8), jnp.int32))
   assert logits.dtype == jnp.bfloat16
   _, ref_params = init()
-  ref = Transformer(CFG).apply({"params": params}, jnp.ones((1, 8), jnp.int32))
+  ref = init()[0].apply({"params": params}, jnp.ones((1, 8), jnp.int32))
   np.testing.assert_allclose(np.asarray(logits, np.float32), ref, atol=0.1)
 
 
@@ -84,3 +128,82 @@ def test_sequence_longer_than_block_size_is_rejected():
   model, params = init()
   with pytest.raises(ValueError, match="block_size"):
     model.apply({"params": params}, jnp.ones((1, 17), jnp.int32))
+
+
+@pytest.mark.parametrize("cfg", COMBOS.values(), ids=COMBOS.keys())
+def test_initial_loss_is_near_uniform_and_a_tiny_batch_can_be_overfitted(cfg):
+  model, params = init(cfg)
+  tokens = jax.random.randint(jax.random.key(1), (2, 17), 0, 50)
+  inputs, targets, mask = tokens[:, :-1], tokens[:, 1:], jnp.ones((2, 16))
+  tx = optax.adam(1e-2)
+
+  def loss_fn(params):
+    return next_token_loss(model.apply({"params": params}, inputs), targets, mask)[0]
+
+  @jax.jit
+  def step(params, opt_state):
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = tx.update(grads, opt_state)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  opt_state = tx.init(params)
+  losses = []
+  for _ in range(60):
+    params, opt_state, loss = step(params, opt_state)
+    losses.append(float(loss))
+  assert abs(losses[0] - np.log(50)) < 0.3, losses[0]  # small init: near-uniform predictions
+  assert losses[-1] < 0.1, losses[-1]
+
+
+@pytest.mark.parametrize("name", ["gpt2_124m", "llama2_70b"])
+def test_a_packed_row_equals_its_documents_run_separately(name):
+  model, params = init(COMBOS[name])
+  a = jax.random.randint(jax.random.key(1), (1, 5), 0, 50)
+  b = jax.random.randint(jax.random.key(2), (1, 8), 0, 50)
+  packed = jnp.concatenate([a, b, jnp.zeros((1, 3), jnp.int32)], axis=1)
+  segment_ids = jnp.array([[1] * 5 + [2] * 8 + [0] * 3])
+  positions = jnp.array([list(range(5)) + list(range(8)) + [0, 1, 2]])
+  logits = model.apply({"params": params}, packed, positions, segment_ids)
+  np.testing.assert_allclose(logits[:, :5], model.apply({"params": params}, a), atol=1e-5)
+  np.testing.assert_allclose(logits[:, 5:13], model.apply({"params": params}, b), atol=1e-5)
+
+
+def test_grouped_query_attention_shares_key_value_heads():
+  boxed = abstract_params(Transformer(COMBOS["llama2_70b"]), 8)
+  attn = boxed["block_0"]["attn"]
+  assert attn["query"]["kernel"].value.shape == (32, 4, 8)
+  assert attn["key"]["kernel"].value.shape == (32, 2, 8)
+  assert attn["value"]["kernel"].names == ("embed", "kv_heads", "head_dim")
+
+
+def test_scanned_params_sit_on_a_layers_axis():
+  cfg = dataclasses.replace(CFG, scan_layers=True)
+  boxed = abstract_params(Transformer(cfg), 8)
+  assert set(boxed) == {"blocks", "token_embed", "position_embed", "norm_final"}
+  kernel = boxed["blocks"]["attn"]["query"]["kernel"]
+  assert kernel.names == ("layers", "embed", "heads", "head_dim")
+  assert kernel.value.shape == (2, 32, 2, 16)
+
+
+# save_dots runs scanned in the llama2_70b_scanned_remat combo above.
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_scanned_and_unscanned_models_agree_in_outputs_and_gradients(remat):
+  cfg = dataclasses.replace(COMBOS["llama2_70b"], remat=remat)
+  scanned = dataclasses.replace(cfg, scan_layers=True)
+  _, params = init(cfg)
+  stacked = stack_layers(params, cfg.num_layers)
+  jax.tree.map(np.testing.assert_array_equal, unstack_layers(stacked), params)
+  tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, 50)
+
+  @functools.partial(jax.jit, static_argnums=0)
+  @functools.partial(jax.value_and_grad, argnums=1, has_aux=True)
+  def loss(cfg, params):
+    logits = Transformer(cfg).apply({"params": params}, tokens[:, :-1])
+    return next_token_loss(logits, tokens[:, 1:], jnp.ones((2, 15)))[0], logits
+
+  (loss_a, logits_a), grads_a = loss(cfg, params)
+  (loss_b, logits_b), grads_b = loss(scanned, stacked)
+  np.testing.assert_allclose(logits_a, logits_b, atol=1e-6)
+  np.testing.assert_allclose(loss_a, loss_b, atol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), grads_a,
+               unstack_layers(grads_b))
