@@ -179,8 +179,9 @@ def test_skip_nonfinite_skips_and_counts_the_update(corpus_file, monkeypatch):
 
 def test_a_nonfinite_state_is_never_checkpointed(tmp_path, corpus_file):
   trainer = train.Trainer(tiny_config(corpus_file), devices=ONE_DEVICE)
-  trainer.state = trainer.state.replace(
-      params=jax.tree.map(lambda p: p.at[(0,) * p.ndim].set(np.inf), trainer.state.params))
+  leaves, tree = jax.tree.flatten(trainer.state.params)
+  leaves[-1] = leaves[-1].at[(0,) * leaves[-1].ndim].set(np.nan)  # one value in one leaf
+  trainer.state = trainer.state.replace(params=jax.tree.unflatten(tree, leaves))
   saver = checkpoint.Checkpointer(tmp_path, trainer.config)
   with pytest.raises(checkpoint.NonFiniteError, match="state at step 1 holds NaN or Inf"):
     saver.save(trainer, 1)
