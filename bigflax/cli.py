@@ -29,13 +29,15 @@ def _train() -> None:
   from bigflax import distributed, train  # imported here so `bigflax --help` stays fast
   config = flags.FLAGS.config
   config_lib.validate(config)
-  distributed.initialize(config.distributed)  # before anything starts a JAX backend
   workdir = _WORKDIR.value or str(pathlib.Path("runs") / _experiment_name(config))
   if not config.name:
     with config.unlocked():
       config.name = _experiment_name(config)
-  with distributed.stdout_from_process_zero():
-    train.train(config, workdir)
+  with distributed.fail_fast():
+    distributed.initialize(config.distributed)  # before anything starts a JAX backend
+    distributed.check_shared_workdir(workdir)
+    with distributed.stdout_from_process_zero():
+      train.train(config, workdir)
 
 
 def _sample() -> None:

@@ -16,6 +16,8 @@ import sys
 import time
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
 from bigflax.errors import UserError
 
@@ -104,9 +106,44 @@ def _wait_for_coordinator(address: str, timeout: float) -> None:
       time.sleep(0.5)
 
 
+def check_shared_workdir(workdir: str) -> None:
+  """Every process writes its shards of the checkpoints under the workdir, so it must be one
+  directory that all hosts see; else the first save would wait forever for the missing shards."""
+  if jax.process_count() == 1:
+    return
+  token = int(multihost_utils.broadcast_one_to_all(np.random.randint(2**31, dtype=np.int32)))
+  marker = pathlib.Path(workdir) / f".shared_check_{token}"
+  if jax.process_index() == 0:
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.touch()
+  multihost_utils.sync_global_devices("bigflax: workdir marker written")
+  seen = marker.exists()
+  multihost_utils.sync_global_devices("bigflax: workdir marker read")
+  if jax.process_index() == 0:
+    marker.unlink()
+  if not seen:
+    raise DistributedError(
+        f"--workdir {workdir} is not one directory shared by all hosts: process "
+        f"{jax.process_index()} does not see what process 0 wrote there; put the workdir on a "
+        "filesystem every host mounts (NFS, Filestore, gcsfuse)")
+
+
 def _first_line(error: Exception) -> str:
   return next((line.strip() for line in str(error).splitlines() if line.strip()),
               type(error).__name__)
+
+
+@contextlib.contextmanager
+def fail_fast():
+  """A process of a multi-process run that stops on an error exits at once: JAX's orderly exit
+  would wait for the others, which wait for it. Its death then stops them (heartbeat)."""
+  try:
+    yield
+  except UserError as e:
+    if not jax.distributed.is_initialized():
+      raise
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    os._exit(1)
 
 
 @contextlib.contextmanager

@@ -127,6 +127,16 @@ def test_a_process_count_the_coordinator_does_not_share_names_the_field(tmp_path
           "processes" in results[1][2])
 
 
+def test_a_workdir_the_hosts_do_not_share_is_refused(tmp_path, corpus_file):
+  address = f"127.0.0.1:{portpicker.pick_unused_port()}"
+  processes = [start(run_args(corpus_file, tmp_path / f"host{i}",
+                              extra=process_args(address, 2, i)), devices=4) for i in range(2)]
+  (code0, _, _), (code1, _, err1) = (finish(p) for p in processes)
+  assert code0 != 0 and code1 == 1 and "Traceback" not in err1
+  assert (f"error: --workdir {tmp_path / 'host1'} is not one directory shared by all hosts: "
+          "process 1 does not see what process 0 wrote there") in err1
+
+
 @pytest.mark.parametrize("environ, pci_vendor, expected", [
     ({}, None, None),
     ({}, "0x8086", None),
