@@ -8,6 +8,7 @@ import sys
 
 import jax
 import numpy as np
+import portpicker
 import pytest
 
 from bigflax import checkpoint, data, train
@@ -52,8 +53,9 @@ def cli_flags(corpus_file, workdir, **fields):
   return ["train", *(f"--config.{k}={v}" for k, v in tiny.items()), f"--workdir={workdir}"]
 
 
-def start_cli(args, hook=(), output=subprocess.PIPE) -> subprocess.Popen:
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device
+def start_cli(args, hook=(), output=subprocess.PIPE, devices=1) -> subprocess.Popen:
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
+  env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
   command = [sys.executable, "-c", HOOKED_CLI, *hook] if hook else [sys.executable, "-m",
                                                                    "bigflax"]
   return subprocess.Popen([*command, *args], cwd=REPO, env=env, stdout=output, stderr=output,
@@ -95,6 +97,25 @@ def test_sigterm_then_resume_continues_bit_identically(tmp_path, corpus_file):
   evals = lambda w: [(r["step"], r["eval_loss"]) for r in read_metrics(w) if "eval_loss" in r]
   assert evals(interrupted) == evals(whole)
   assert sorted(os.listdir(interrupted / "checkpoints")) == ["23", "25", "30"]  # the latest 3
+
+
+def test_hosts_agree_on_the_step_to_save_when_one_is_preempted(tmp_path, corpus_file):
+  """2 processes × 4 devices; SIGTERM reaches process 1 only. JAX's preemption service (not our
+  handler, which stays off with several processes) picks one step at which both save and stop."""
+  address = f"127.0.0.1:{portpicker.pick_unused_port()}"
+  args = cli_flags(corpus_file, tmp_path, steps=12, checkpoint_every=100, eval_every=100,
+                   batch_size=8, **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2,
+                                    "distributed.coordinator_address": address,
+                                    "distributed.num_processes": 2})
+  hosts = [start_cli([*args, f"--config.distributed.process_id={i}"], devices=4,
+                     hook=("3", "SIGTERM") if i else ()) for i in range(2)]
+  results = [process.communicate(timeout=300) for process in hosts]
+  for process, (_, stderr) in zip(hosts, results):
+    assert process.returncode == 0, stderr[-2000:]
+  saved = os.listdir(tmp_path / "checkpoints")
+  assert len(saved) == 1 and int(saved[0]) > 3  # one step, after the notice, for both hosts
+  assert f"stopped by a preemption signal after step {saved[0]}" in results[0][0]
+  assert [step for step, _ in losses(tmp_path)] == list(range(1, int(saved[0]) + 1))
 
 
 def test_sigkill_during_an_async_save_keeps_the_previous_checkpoint(tmp_path, corpus_file):
