@@ -24,10 +24,15 @@ setup(
         "matplotlib==3.11.2",
         "safetensors==0.8.0",  # Hugging Face checkpoints (bigflax.interop), read without torch
     ],
-    # torch and transformers build the reference models of the HF parity tests. torch is pinned
-    # exactly: its CPU wheel is on the build machines, while an unpinned torch pulls several GB of
-    # CUDA wheels.
-    extras_require={"test": ["pytest==9.2.0", "portpicker==1.6.0", "torch==2.13.0",
-                             "transformers==5.23.0"]},
+    extras_require={
+        # libtpu lets `bigflax aot` compile for TPU topologies on any machine (and is what runs
+        # TPUs on a TPU VM); the tests compile for a v5e slice, so they need it too.
+        "tpu": ["libtpu==0.0.42.1"],
+        # torch and transformers build the reference models of the HF parity tests. torch is
+        # pinned exactly: its CPU wheel is on the build machines, while an unpinned torch pulls
+        # several GB of CUDA wheels.
+        "test": ["pytest==9.2.0", "portpicker==1.6.0", "libtpu==0.0.42.1", "torch==2.13.0",
+                 "transformers==5.23.0"],
+    },
     entry_points={"console_scripts": ["bigflax=bigflax.cli:main"]},
 )

@@ -6,7 +6,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from bigflax import config as config_lib
+from bigflax import config as config_lib, hardware
 from bigflax.errors import UserError
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<experiment name>).")
@@ -17,8 +17,10 @@ _TEMPERATURE = flags.DEFINE_float("temperature", None, "sample: softmax temperat
 _TOP_K = flags.DEFINE_integer("top_k", None, "sample: keep the k most likely tokens; 0 = all.")
 _TOP_P = flags.DEFINE_float("top_p", None, "sample: nucleus probability mass; 1 = all.")
 _SEED = flags.DEFINE_integer("seed", 0, "sample: random seed.")
+_TOPOLOGY = flags.DEFINE_string("topology", None, "aot: a TPU topology (v5p:4x4x4, v5e:16x16) or "
+                                "slice name (v5e-256, v5p-64).")
 
-USAGE = "usage: bigflax {train,sample} [--config FILE] [--config.FIELD=VALUE ...] [--workdir DIR]"
+USAGE = "usage: bigflax {train,sample,aot} [--config FILE] [--config.FIELD=VALUE ...] [--workdir DIR]"
 
 
 def _experiment_name(config) -> str:
@@ -54,7 +56,14 @@ def _sample() -> None:
       top_p=s.top_p if _TOP_P.value is None else _TOP_P.value, seed=_SEED.value))
 
 
-COMMANDS = {"train": _train, "sample": _sample}
+def _aot() -> None:
+  if not _TOPOLOGY.value:
+    raise UserError("bigflax aot needs --topology, e.g. --topology=v5p:4x4x4 or v5e-256")
+  from bigflax import aot
+  aot.plan_and_report(flags.FLAGS.config, _TOPOLOGY.value)
+
+
+COMMANDS = {"train": _train, "sample": _sample, "aot": _aot}
 
 
 def _main(argv) -> None:
@@ -88,6 +97,7 @@ def _exit_unknown_field(error: Exception, argv: list[str]):
 
 
 def main() -> None:
+  hardware.skip_absent_tpu()
   # config_flags applies --config.FIELD overrides to the default config as soon as the flag is
   # defined, so an unknown field is reported from here.
   try:

@@ -1,5 +1,6 @@
 """The training core: train state, the jitted train and eval steps, and the loop that runs them."""
 
+import functools
 import json
 import pathlib
 import time
@@ -21,36 +22,65 @@ from bigflax.objective import next_token_loss
 TrainState = train_state.TrainState
 
 
-def create_train_state(model: nn.Module, tx: optax.GradientTransformation, rng, block_size: int,
-                       mesh, rules) -> tuple[TrainState, TrainState]:
-  """The state, created directly in its shardings (never whole on one device), and those
-  shardings. Optimizer-state shardings follow the params they belong to."""
+def _state_initializer(model: nn.Module, tx: optax.GradientTransformation, block_size: int):
+  """rng → TrainState whose params carry their logical axis names (boxed)."""
   tokens = jnp.zeros((1, block_size), jnp.int32)
 
   def init(rng):
     params = model.init(rng, tokens)["params"]
     return TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+  return init
 
-  boxed_state = jax.eval_shape(init, rng)
+
+def abstract_train_state(model: nn.Module, tx: optax.GradientTransformation, block_size: int,
+                         mesh, rules) -> tuple[TrainState, TrainState]:
+  """(shapes and dtypes of the state as ShapeDtypeStructs carrying their shardings, the
+  shardings). Optimizer-state shardings follow the params they belong to. Nothing is allocated:
+  this is what ahead-of-time compilation for a pod needs."""
+  init = _state_initializer(model, tx, block_size)
+  boxed_state = jax.eval_shape(init, jax.random.key(0))
   shardings = sharding.logical_shardings(nn.get_partition_spec(boxed_state), mesh, rules)
   sharding.check_divisible(nn.unbox(boxed_state.params), shardings.params, mesh, "parameter")
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          nn.unbox(boxed_state), shardings)
+  return abstract, shardings
+
+
+def create_train_state(model: nn.Module, tx: optax.GradientTransformation, rng, block_size: int,
+                       mesh, rules) -> tuple[TrainState, TrainState]:
+  """The state, created directly in its shardings (never whole on one device), and those
+  shardings."""
+  _, shardings = abstract_train_state(model, tx, block_size, mesh, rules)
+  init = _state_initializer(model, tx, block_size)
   with sharding.activate(mesh, rules):
     state = jax.jit(lambda rng: nn.unbox(init(rng)), out_shardings=shardings)(rng)
   return state, shardings
 
 
-def _microbatch_grads(state: TrainState, batch, rng):
+def jit_train_step(state_shardings, batch_sharding, *, grad_accum_steps: int, schedule,
+                   z_loss: float = 0.0):
+  """train_step compiled with explicit in/out shardings; the old state's buffers are donated."""
+  replicated = sharding.replicated(batch_sharding.mesh)
+  return jax.jit(
+      functools.partial(train_step, grad_accum_steps=grad_accum_steps, schedule=schedule,
+                        z_loss=z_loss),
+      in_shardings=(state_shardings, batch_sharding, replicated),
+      out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+
+
+def _microbatch_grads(state: TrainState, batch, rng, z_loss: float):
   """Summed (not averaged) next-token NLL and its gradient over one (micro)batch."""
   def summed_loss(params):
     logits = state.apply_fn({"params": params}, batch["inputs"], batch.get("positions"),
                             batch.get("segment_ids"), deterministic=False, rngs={"dropout": rng})
-    loss, metrics = next_token_loss(logits, batch["targets"], batch["loss_mask"])
+    loss, metrics = next_token_loss(logits, batch["targets"], batch["loss_mask"], z_loss)
     return loss * metrics["num_tokens"], metrics
   (_, metrics), grads = jax.value_and_grad(summed_loss, has_aux=True)(state.params)
   return grads, metrics
 
 
-def train_step(state: TrainState, batch, rng, *, grad_accum_steps: int, schedule):
+def train_step(state: TrainState, batch, rng, *, grad_accum_steps: int, schedule,
+               z_loss: float = 0.0):
   """One optimizer update on the mean next-token loss of `batch`.
 
   With grad_accum_steps=k the batch is cut into k microbatches run one after another (lax.scan);
@@ -58,7 +88,7 @@ def train_step(state: TrainState, batch, rng, *, grad_accum_steps: int, schedule
   one a single batch of all rows would give, at 1/k of the activation memory."""
   rng = jax.random.fold_in(rng, state.step)  # dropout differs per step, and resumes identically
   if grad_accum_steps == 1:
-    grads, metrics = _microbatch_grads(state, batch, rng)
+    grads, metrics = _microbatch_grads(state, batch, rng, z_loss)
     loss_sum, num_tokens = metrics["loss"] * metrics["num_tokens"], metrics["num_tokens"]
     correct = metrics["accuracy"] * num_tokens
   else:
@@ -68,7 +98,7 @@ def train_step(state: TrainState, batch, rng, *, grad_accum_steps: int, schedule
 
     def accumulate(carry, inputs):
       i, microbatch = inputs
-      grads, metrics = _microbatch_grads(state, microbatch, jax.random.fold_in(rng, i))
+      grads, metrics = _microbatch_grads(state, microbatch, jax.random.fold_in(rng, i), z_loss)
       g, loss_sum, correct, n = carry
       n_i = metrics["num_tokens"]
       return (jax.tree.map(jnp.add, g, grads), loss_sum + metrics["loss"] * n_i,
@@ -130,11 +160,9 @@ class Trainer:
         self.model, tx, rng, config.model.block_size, self.mesh, self.rules)
     self.dropout_rng = jax.random.fold_in(rng, 1)
     replicated = sharding.replicated(self.mesh)
-    self._train_step = jax.jit(
-        lambda state, batch, rng: train_step(
-            state, batch, rng, grad_accum_steps=config.grad_accum_steps, schedule=self.schedule),
-        in_shardings=(self.state_shardings, self.batch_sharding, replicated),
-        out_shardings=(self.state_shardings, replicated), donate_argnums=(0,))
+    self._train_step = jit_train_step(self.state_shardings, self.batch_sharding,
+                                      grad_accum_steps=config.grad_accum_steps,
+                                      schedule=self.schedule, z_loss=config.z_loss)
     self._eval_step = jax.jit(eval_step, in_shardings=(self.state_shardings,
                                                        self.batch_sharding),
                               out_shardings=replicated)

@@ -3,6 +3,7 @@
 import os
 import tempfile
 
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # tests run on the CPU even where libtpu is installed
 # TFDS reads this when first imported: the datasets tests build from local text go to a throwaway
 # directory, not ~/tensorflow_datasets.
 os.environ.setdefault("TFDS_DATA_DIR", tempfile.mkdtemp(prefix="bigflax-tfds-"))

@@ -1,0 +1,196 @@
+"""Ahead-of-time compilation for a TPU topology from any machine: will the model fit the slice?
+
+Compiles the real train step (same model, optimizer, mesh and logical rules as `bigflax train`)
+for a TPU topology described by libtpu — no TPU needed — and reads the per-device memory the
+compiler planned, the FLOPs it counted and the collectives it inserted. When the step does not
+fit in HBM it compiles a few variants (more FSDP, rematerialisation, smaller microbatches) and
+reports the ones that do.
+"""
+
+import collections
+import copy
+import dataclasses
+import functools
+import math
+import os
+import re
+
+import jax
+import jax.numpy as jnp
+
+from bigflax import hardware, optim, sharding
+from bigflax.config import validate
+from bigflax.errors import UserError
+from bigflax.model import ModelConfig, Transformer
+from bigflax.train import abstract_train_state, jit_train_step
+
+COLLECTIVE = re.compile(r"\b(all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)"
+                        r"(?:-start)?\(")
+
+
+def _grid(chips: int, rank: int) -> str:
+  """Power-of-two chips as the near-cubic (or near-square) slice shape Cloud TPU uses."""
+  k = int(math.log2(chips))
+  exps = [k // rank + (1 if i >= rank - k % rank else 0) for i in range(rank)]
+  if rank == 3 and exps[0] == 0:  # e.g. 4 chips: 2x2x1, not 1x2x2
+    exps = exps[1:] + exps[:1]
+  return "x".join(str(2**e) for e in exps)
+
+
+def topology_name(name: str) -> str:
+  """`v5p:4x4x4` passes through; `v5e-256`/`v5p-128`-style slice names become topologies.
+
+  The number after the dash counts chips for v5e/v6e and TensorCores (2 per chip) for v4/v5p."""
+  if ":" in name:
+    return name
+  match = re.fullmatch(r"(v4|v5e|v5p|v6e)-(\d+)", name)
+  cores_per_chip = {"v4": 2, "v5p": 2, "v5e": 1, "v6e": 1}
+  if match:
+    generation, count = match.group(1), int(match.group(2))
+    chips = count // cores_per_chip[generation]
+    if chips >= 1 and chips & (chips - 1) == 0 and count % cores_per_chip[generation] == 0:
+      return f"{generation}:{_grid(chips, 3 if cores_per_chip[generation] == 2 else 2)}"
+  raise UserError(f"--topology {name!r} is not a TPU topology: use e.g. v5p:4x4x4, v5e:4x4, or a "
+                  "slice name with a power-of-two size such as v5e-256, v5p-64, v4-32, v6e-16")
+
+
+def _tpu_devices(topology: str):
+  # libtpu describes the topology without a TPU; these keep it from probing for real hardware.
+  for key, value in {"TPU_SKIP_MDS_QUERY": "1", "TPU_ACCELERATOR_TYPE": "v5litepod-4",
+                     "TPU_WORKER_HOSTNAMES": "localhost", "TPU_WORKER_ID": "0"}.items():
+    os.environ.setdefault(key, value)
+  try:
+    from jax.experimental import topologies
+    return topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
+  except Exception as e:  # libtpu missing, or a topology it does not know
+    raise UserError(f"cannot describe TPU topology {topology!r} ({type(e).__name__}: "
+                    f"{str(e).splitlines()[0][:200]}). AOT compilation needs libtpu: "
+                    "pip install -e '.[tpu]'") from None
+
+
+@dataclasses.dataclass
+class Plan:
+  """What the compiler planned for one device of the slice."""
+  topology: str
+  device_kind: str
+  mesh: dict
+  changes: dict  # config overrides relative to the requested config
+  argument_bytes: int  # params + optimizer state + batch
+  output_bytes: int
+  alias_bytes: int  # outputs that reuse donated argument buffers
+  temp_bytes: int  # activations and other temporaries
+  hbm_bytes: int
+  flops_per_device: float
+  collectives: dict
+  out_of_memory: str = ""  # the TPU compiler's own refusal, when it ran out of HBM
+
+  @property
+  def total_bytes(self) -> int:
+    return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
+
+  @property
+  def fits(self) -> bool:
+    return not self.out_of_memory and self.total_bytes <= self.hbm_bytes
+
+
+def compile_plan(config, topology: str, changes: dict | None = None) -> Plan:
+  """Compiles config's train step for `topology` (with `changes` applied) and reads the result."""
+  config = copy.deepcopy(config)
+  for key, value in (changes or {}).items():
+    *parents, leaf = key.split(".")
+    node = config
+    for part in parents:
+      node = node[part]
+    node[leaf] = value
+  validate(config)
+  if not config.model.vocab_size:
+    raise UserError("AOT compilation reads no data: set --config.model.vocab_size")
+  devices = _tpu_devices(topology)
+  chip = hardware.chip_of(devices[0])
+  mesh = sharding.make_mesh(config.mesh, devices)
+  rules = sharding.rules_of(config.mesh)
+  model = Transformer(ModelConfig.from_config(config.model))
+  schedule = optim.learning_rate_schedule(config.optimizer, config.steps)
+  tx = optim.make_optimizer(config.optimizer, config.steps)
+  state, state_shardings = abstract_train_state(model, tx, config.model.block_size, mesh, rules)
+  batch_sharding = sharding.batch_sharding(mesh, rules)
+  shape = (config.batch_size, config.model.block_size)
+  batch = {name: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
+           for name, dtype in (("inputs", jnp.int32), ("targets", jnp.int32),
+                               ("loss_mask", jnp.float32))}
+  rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=sharding.replicated(mesh))
+  step = jit_train_step(state_shardings, batch_sharding, grad_accum_steps=config.grad_accum_steps,
+                        schedule=schedule)
+  plan = functools.partial(Plan, topology=topology, device_kind=devices[0].device_kind,
+                           mesh=dict(mesh.shape), changes=dict(changes or {}),
+                           hbm_bytes=chip.hbm_bytes if chip else 0)
+  with sharding.activate(mesh, rules):
+    lowered = step.lower(state, batch, rng)
+    try:
+      compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as e:
+      if "RESOURCE_EXHAUSTED" not in str(e):
+        raise
+      # The TPU compiler refuses programs that exceed HBM; its message says by how much.
+      return plan(argument_bytes=0, output_bytes=0, alias_bytes=0, temp_bytes=0,
+                  flops_per_device=float("nan"), collectives={},
+                  out_of_memory=str(e).split("RESOURCE_EXHAUSTED:")[-1].strip().splitlines()[0])
+  memory = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  return plan(
+      argument_bytes=memory.argument_size_in_bytes,
+      output_bytes=memory.output_size_in_bytes, alias_bytes=memory.alias_size_in_bytes,
+      temp_bytes=memory.temp_size_in_bytes, hbm_bytes=chip.hbm_bytes if chip else 0,
+      flops_per_device=cost["flops"],
+      collectives=dict(collections.Counter(COLLECTIVE.findall(compiled.as_text()))))
+
+
+def alternatives(config) -> list[dict]:
+  """Variants to try when a step does not fit, cheapest change first."""
+  fsdp = {"mesh.data": 1, "mesh.fsdp": -1}
+  options = [fsdp]
+  if "remat" in config.model:
+    options += [{**fsdp, "model.remat": policy} for policy in ("save_dots", "full")]
+  remat = {"model.remat": "full"} if "remat" in config.model else {}
+  for factor in (2, 4, 8):
+    accum = config.grad_accum_steps * factor
+    if config.batch_size % accum == 0:
+      options.append({**fsdp, **remat, "grad_accum_steps": accum})
+  return options
+
+
+def _gib(n: int) -> str:
+  return f"{n / 2**30:,.2f} GiB"
+
+
+def describe(plan: Plan) -> str:
+  header = (f"topology {plan.topology}: {math.prod(plan.mesh.values())} × {plan.device_kind}, "
+            f"mesh {plan.mesh}")
+  if plan.out_of_memory:
+    return f"{header}\nDOES NOT FIT: the compiler ran out of HBM: {plan.out_of_memory}"
+  collectives = ", ".join(f"{k} ×{v}" for k, v in sorted(plan.collectives.items())) or "none"
+  verdict = "FITS" if plan.fits else "DOES NOT FIT"
+  return "\n".join([
+      header,
+      f"per device: arguments (params + optimizer state + batch) {_gib(plan.argument_bytes)}, "
+      f"temporaries {_gib(plan.temp_bytes)}, outputs {_gib(plan.output_bytes)} "
+      f"({_gib(plan.alias_bytes)} aliased to donated inputs)",
+      f"total {_gib(plan.total_bytes)} of {_gib(plan.hbm_bytes)} HBM: {verdict}",
+      f"FLOPs per step per device (XLA cost analysis): {plan.flops_per_device:.4g}",
+      f"collectives: {collectives}",
+  ])
+
+
+def plan_and_report(config, topology_or_slice: str, print_fn=print) -> Plan:
+  topology = topology_name(topology_or_slice)
+  plan = compile_plan(config, topology)
+  print_fn(describe(plan))
+  if not plan.fits:
+    print_fn("\nsearching for settings that fit:")
+    for changes in alternatives(config):
+      candidate = compile_plan(config, topology, changes)
+      flags = " ".join(f"--config.{k}={v}" for k, v in changes.items())
+      size = "(out of HBM)" if candidate.out_of_memory else _gib(candidate.total_bytes)
+      print_fn(f"  {'fits   ' if candidate.fits else 'too big'} {size:>12}  {flags}")
+  return plan

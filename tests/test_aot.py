@@ -1,0 +1,80 @@
+"""AOT compilation for TPU topologies from this CPU. Needs libtpu (in the `test` extra)."""
+
+import flax.linen as nn
+import pytest
+
+from bigflax import aot, flops
+from bigflax.config import base
+from bigflax.errors import UserError
+from bigflax.model import ModelConfig, Transformer, abstract_params
+
+
+@pytest.mark.parametrize("name, topology", [
+    ("v5e-4", "v5e:2x2"), ("v5e-16", "v5e:4x4"), ("v5e-256", "v5e:16x16"), ("v6e-8", "v6e:2x4"),
+    ("v5p-8", "v5p:2x2x1"), ("v5p-64", "v5p:2x4x4"), ("v5p-128", "v5p:4x4x4"),
+    ("v4-32", "v4:2x2x4"), ("v5p:4x4x8", "v5p:4x4x8"),
+])
+def test_slice_names_map_to_topologies(name, topology):
+  assert aot.topology_name(name) == topology
+
+
+@pytest.mark.parametrize("name", ["v5e-12", "v7-8", "tpu", "v5p-3"])
+def test_bad_topology_names_are_refused(name):
+  with pytest.raises(UserError, match="not a TPU topology"):
+    aot.topology_name(name)
+
+
+def small_config():
+  c = base()
+  c.model.vocab_size = 256
+  c.batch_size = 16
+  return c
+
+
+def analytic_step_flops(c):
+  m = c.model
+  params = nn.unbox(abstract_params(Transformer(ModelConfig.from_config(m)), m.block_size))
+  per_token = flops.train_flops_per_token(params, tie_embeddings=m.tie_embeddings,
+                                          num_layers=m.num_layers, seq_len=m.block_size,
+                                          num_heads=m.num_heads,
+                                          head_dim=m.embed_dim // m.num_heads)
+  param_bytes = sum(x.size * 4 for x in __import__("jax").tree.leaves(params))
+  return per_token * c.batch_size * m.block_size, param_bytes
+
+
+def test_compile_for_v5e_2x2_reports_memory_flops_and_collectives():
+  pytest.importorskip("libtpu", reason="libtpu is not installed, so nothing can be compiled for "
+                      "TPU here: pip install -e '.[test]' installs it")
+  c = small_config()
+  plan = aot.compile_plan(c, "v5e:2x2")
+  expected_flops, param_bytes = analytic_step_flops(c)
+  assert plan.device_kind == "TPU v5 lite" and plan.mesh["data"] == 4
+  # XLA also counts norms, softmax and the optimizer: a few percent above the matmul count.
+  assert 1.0 <= plan.flops_per_device * 4 / expected_flops < 1.1
+  # Data parallel: each device holds all params plus Adam's two moments.
+  assert plan.argument_bytes >= 3 * param_bytes
+  assert plan.fits and plan.hbm_bytes == 16 * 2**30
+  assert plan.collectives.get("all-reduce", 0) >= 1  # gradients are summed across replicas
+  assert "FITS" in aot.describe(plan)
+
+
+def test_a_model_that_does_not_fit_gets_settings_that_do(monkeypatch):
+  pytest.importorskip("libtpu", reason="libtpu is not installed, so nothing can be compiled for "
+                      "TPU here: pip install -e '.[test]' installs it")
+  c = small_config()
+  # ~1.6B parameters: with Adam, 19 GiB per v5e chip (16 GiB) when replicated, a quarter with FSDP.
+  c.model.num_layers, c.model.embed_dim, c.model.num_heads = 2, 8192, 64
+  c.model.block_size, c.batch_size = 32, 4
+  monkeypatch.setattr(aot, "alternatives", lambda config: [{"mesh.data": 1, "mesh.fsdp": -1}])
+  lines = []
+  plan = aot.plan_and_report(c, "v5e-4", print_fn=lines.append)
+  assert not plan.fits and "DOES NOT FIT" in "\n".join(lines)
+  assert lines[-1].strip().startswith("fits") and "--config.mesh.fsdp=-1" in lines[-1]
+
+
+def test_alternatives_try_fsdp_then_smaller_microbatches():
+  c = small_config()
+  options = aot.alternatives(c)
+  assert options[0] == {"mesh.data": 1, "mesh.fsdp": -1}
+  accum = [o["grad_accum_steps"] for o in options if "grad_accum_steps" in o]
+  assert accum == [2, 4, 8]
