@@ -5,7 +5,7 @@ import pytest
 
 from bigflax import data
 from bigflax.config import base
-from bigflax.data import reader, sources, text_builder, tokenizers
+from bigflax.data import sources, text_builder, tokenizers
 from conftest import SHAKESPEARE
 
 

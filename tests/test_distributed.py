@@ -91,7 +91,7 @@ def test_a_missing_process_is_reported_within_the_timeout(tmp_path, corpus_file)
   assert code0 != 0 and "DEADLINE_EXCEEDED" in err0
   assert f"config.distributed.initialization_timeout={TIMEOUT} s for every process" in err0
   assert code1 == 1 and "Traceback" not in err1
-  assert (f"error: nothing answers at config.distributed.coordinator_address=127.0.0.1:"
+  assert ("error: nothing answers at config.distributed.coordinator_address=127.0.0.1:"
           in err1) and f"after config.distributed.initialization_timeout={TIMEOUT} s" in err1
 
 
