@@ -30,6 +30,9 @@ from bigflax.model import ModelConfig, Transformer, abstract_params
 # (model; optimizer.name and skip_nonfinite shape the optimizer state) or the data stream the run
 # continues (data, batch_size, seed). Anything else (steps, learning rate, mesh, …) may change.
 RESUME_FIXED_FIELDS = ("model", "data", "batch_size", "seed", "optimizer.name", "skip_nonfinite")
+# ... except these, which change how fast or where, not what is stored or read.
+RESUME_FREE_FIELDS = ("model.dtype", "model.remat", "model.attention_chunk", "data.prefetch",
+                      "data.data_dir")
 _MAX_LISTED = 12  # differences listed in an error before "… and N more"
 
 
@@ -101,7 +104,8 @@ def config_differences(stored: dict, current: dict) -> list[str]:
         out[f"{prefix}{key}"] = value
     return out
   stored, current = flat(stored), flat(json.loads(json.dumps(current)))
-  fixed = lambda key: any(key == f or key.startswith(f + ".") for f in RESUME_FIXED_FIELDS)
+  fixed = lambda key: (key not in RESUME_FREE_FIELDS
+                       and any(key == f or key.startswith(f + ".") for f in RESUME_FIXED_FIELDS))
   return [f"config.{key}: {stored.get(key)!r} in the checkpoint, {current.get(key)!r} now"
           for key in sorted(k for k in stored.keys() | current.keys() if fixed(k))
           if stored.get(key) != current.get(key)]

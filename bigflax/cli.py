@@ -6,7 +6,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from bigflax import config as config_lib, hardware
+from bigflax import config as config_lib
 from bigflax.errors import UserError
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<experiment name>).")
@@ -97,7 +97,6 @@ def _exit_unknown_field(error: Exception, argv: list[str]):
 
 
 def main() -> None:
-  hardware.skip_absent_tpu()
   # config_flags applies --config.FIELD overrides to the default config as soon as the flag is
   # defined, so an unknown field is reported from here.
   try:

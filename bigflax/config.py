@@ -36,6 +36,9 @@ def base() -> ml_collections.ConfigDict:
   # A NaN/Inf gradient skips its update (counted in metrics as skipped_updates) instead of
   # stopping the run.
   c.skip_nonfinite = False
+  # "A,B": a jax.profiler trace of train steps A..B (1-based, inclusive) into WORKDIR/profile/,
+  # for TensorBoard's profile plugin or Perfetto (README, "Profiling"). "" = off.
+  c.profile_steps = ""
 
   c.data = ml_collections.ConfigDict()
   # "" = text when data.path is set, else stdlib (the Python standard library's .py files);
@@ -79,6 +82,9 @@ def base() -> ml_collections.ConfigDict:
   c.model.scan_layers = False
   # Activations the backward pass recomputes: none | full | save_dots | save_dots_no_batch
   c.model.remat = "none"
+  # Causal attention in chunks of this many queries, each reading only the keys up to its end:
+  # the fully masked blocks are never computed. 0 = all queries at once (one masked square).
+  c.model.attention_chunk = 0
   c.model.dtype = "float32"
   c.model.param_dtype = "float32"
 
@@ -175,6 +181,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _check(c.model.positions != "rope" or (c.model.embed_dim // c.model.num_heads) % 2 == 0,
          "config.model.positions='rope' rotates pairs of dimensions and needs an even head "
          "dimension (config.model.embed_dim / config.model.num_heads)")
+  profile_steps(c)  # raises on a malformed range
+  _check(c.model.attention_chunk >= 0, "config.model.attention_chunk must be >= 0 (0 = off)")
   _check(c.z_loss >= 0, f"config.z_loss must be >= 0, got {c.z_loss}")
   for key, choices in (("norm", NORMS), ("positions", POSITIONS), ("mlp", MLPS),
                        ("remat", REMAT_POLICIES), ("dtype", DTYPES), ("param_dtype", DTYPES)):
@@ -200,3 +208,17 @@ def validate(c: ml_collections.ConfigDict) -> None:
          "config.distributed.initialization_timeout and heartbeat_timeout must be positive")
   _check(0.0 <= c.sample.top_p <= 1.0 and c.sample.top_k >= 0 and c.sample.temperature >= 0,
          "config.sample: need temperature >= 0, top_k >= 0 and 0 <= top_p <= 1")
+
+
+def profile_steps(c: ml_collections.ConfigDict) -> tuple[int, int] | None:
+  """config.profile_steps as (first, last), or None when profiling is off."""
+  if not c.profile_steps:
+    return None
+  try:
+    first, last = (int(part) for part in c.profile_steps.split(","))
+  except ValueError:
+    first = last = 0
+  _check(1 <= first <= last <= c.steps,
+         f"config.profile_steps={c.profile_steps!r} must be 'A,B' with 1 <= A <= B <= "
+         f"config.steps={c.steps}, e.g. --config.profile_steps=10,12")
+  return first, last

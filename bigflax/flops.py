@@ -31,7 +31,8 @@ def matmul_params(params, tie_embeddings: bool) -> int:
   return count
 
 
-def train_flops_per_token(params, *, tie_embeddings: bool, num_layers: int, seq_len: int,
-                          num_heads: int, head_dim: int) -> float:
-  return (6 * matmul_params(params, tie_embeddings)
-          + 12 * num_layers * seq_len * num_heads * head_dim)
+def train_flops_per_token(params, model_config) -> float:
+  """The formula above for `params` of a model built from `model_config` (config.model)."""
+  m = model_config
+  return (6 * matmul_params(params, m.tie_embeddings)
+          + 12 * m.num_layers * m.block_size * m.embed_dim)

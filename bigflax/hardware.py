@@ -71,8 +71,12 @@ def skip_absent_tpu() -> None:
   and querying a metadata server when there are none. With no TPU device node present and no
   JAX_PLATFORMS chosen by the user, JAX is pointed at the GPU (if its plugin is installed) and
   the CPU. Must run before JAX initialises a backend."""
-  if ("JAX_PLATFORMS" in os.environ or importlib.util.find_spec("libtpu") is None
+  if ("JAX_PLATFORMS" in os.environ or jax.config.jax_platforms
+      or importlib.util.find_spec("libtpu") is None
       or glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*")):
     return
   gpu = any(importlib.util.find_spec(name) for name in ("jax_cuda12_plugin", "jax_cuda13_plugin"))
+  # JAX read the environment when it was imported: the config is what it consults now. The
+  # environment variable is for child processes.
   os.environ["JAX_PLATFORMS"] = "cuda,cpu" if gpu else "cpu"
+  jax.config.update("jax_platforms", os.environ["JAX_PLATFORMS"])

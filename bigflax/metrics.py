@@ -10,11 +10,14 @@ from tensorboardX import SummaryWriter
 class MetricsWriter:
   """Writes records like {"step": 10, "loss": 3.2, ...}; a no-op on processes other than 0."""
 
-  def __init__(self, workdir: str, enabled: bool = True):
+  def __init__(self, workdir: str, enabled: bool = True, resumed_at: int | None = None):
+    """resumed_at: the checkpoint step a resumed run restarts from. TensorBoard then hides what
+    the earlier run logged after it (those steps are recomputed), as metrics.jsonl drops it."""
     self.enabled = enabled
     if enabled:
       self._jsonl = open(pathlib.Path(workdir) / "metrics.jsonl", "a", encoding="utf-8")
-      self._tensorboard = SummaryWriter(str(workdir))
+      self._tensorboard = SummaryWriter(
+          str(workdir), purge_step=None if resumed_at is None else resumed_at + 1)
 
   def write(self, record: dict) -> None:
     if not self.enabled:

@@ -13,10 +13,10 @@ import optax
 import tqdm
 from flax.training import train_state
 
-from bigflax import checkpoint, data, decode, optim, sharding
-from bigflax.config import validate
+from bigflax import checkpoint, data, decode, flops, hardware, optim, sharding
+from bigflax.config import profile_steps, validate
 from bigflax.metrics import MetricsWriter
-from bigflax.model import ModelConfig, Transformer
+from bigflax.model import DTYPES, ModelConfig, Transformer
 from bigflax.objective import next_token_loss
 
 TrainState = train_state.TrainState
@@ -256,6 +256,29 @@ class NumericsGuard:
             f"was not checkpointed; {checkpoint.NonFiniteError.FIX}")
 
 
+class Profiler:
+  """A jax.profiler trace of train steps first..last (1-based) into WORKDIR/profile/."""
+
+  def __init__(self, workdir: str, steps: tuple[int, int] | None):
+    self.directory = str(pathlib.Path(workdir) / "profile")
+    self.steps, self.active = steps, False
+
+  def before(self, step: int) -> None:
+    if self.steps and step == self.steps[0]:
+      jax.profiler.start_trace(self.directory, create_perfetto_trace=True)
+      self.active = True
+
+  def after(self, step: int, metrics) -> None:
+    if self.active and step == self.steps[1]:
+      jax.block_until_ready(metrics)  # the trace must hold the steps' device work, not only dispatch
+      self.stop()
+
+  def stop(self) -> None:
+    if self.active:
+      jax.profiler.stop_trace()
+      self.active = False
+
+
 def train(config, workdir: str, *, print_fn=print, devices=None) -> dict:
   """Trains until `config.steps`, resuming from the latest checkpoint in `workdir` if there is one.
 
@@ -288,34 +311,47 @@ def _train_loop(trainer: Trainer, checkpointer: checkpoint.Checkpointer, workdir
     if latest is not None:
       print_fn(f"resuming from step {start} of {config.steps} "
                f"(checkpoint {checkpointer.step_dir(latest)})")
-  writer = MetricsWriter(workdir, enabled=is_main)
+  writer = MetricsWriter(workdir, enabled=is_main, resumed_at=latest)
   guard = NumericsGuard(enabled=not config.skip_nonfinite)
   tokens_per_step = config.batch_size * config.model.block_size
+  # MFU = achieved model FLOP/s ÷ peak of all devices (the datasheet; on a CPU, measured now).
+  flops_per_step = tokens_per_step * flops.train_flops_per_token(trainer.state.params,
+                                                                 config.model)
+  peak = hardware.peak_flops(DTYPES[config.model.dtype])[0] * jax.process_count()
+  profiler = Profiler(workdir, profile_steps(config))
   progress = tqdm.tqdm(total=config.steps, initial=start, disable=not is_main, unit="step",
                        dynamic_ncols=True)
   last_eval, preempted = {}, False
   last_time, last_step = time.perf_counter(), start
   with checkpoint.stop_signals() as stop_requested:
     for index in range(start, config.steps):
+      profiler.before(index + 1)
       metrics = trainer.step(index)
       step = index + 1
+      profiler.after(step, metrics)
       guard.add(step, metrics)
       preempted = stop_requested() or checkpointer.reached_preemption(step)
       final = step == config.steps
       if step % config.log_every == 0 or final:
         metrics = jax.device_get(metrics)  # with the guard's check, the step loop's only host sync
         now = time.perf_counter()
-        tokens_per_sec = tokens_per_step * (step - last_step) / (now - last_time)
+        steps_per_sec = (step - last_step) / (now - last_time)
         last_time, last_step = now, step
-        writer.write({"step": step, **metrics, "tokens_per_sec": tokens_per_sec})
+        tokens_per_sec = tokens_per_step * steps_per_sec
+        writer.write({"step": step, **metrics, "tokens_per_sec": tokens_per_sec,
+                      "mfu": flops_per_step * steps_per_sec / peak})
         progress.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{tokens_per_sec:,.0f}")
         guard.check()
       if step % config.eval_every == 0 or final:
         last_eval = trainer.evaluate()
         writer.write({"step": step, **last_eval})
-        progress.write(f"step {step}: eval_loss {last_eval['eval_loss']:.4f} "
-                       f"(perplexity {last_eval['eval_perplexity']:.2f})")
+        if is_main:
+          progress.write(f"step {step}: eval_loss {last_eval['eval_loss']:.4f} "
+                         f"(perplexity {last_eval['eval_perplexity']:.2f})")
         last_time = time.perf_counter()  # eval time is not training throughput
+      if index == start:  # nor is compilation: throughput is timed from the first step's end
+        jax.block_until_ready(metrics)
+        last_time, last_step = time.perf_counter(), step
       if preempted or final or checkpointer.should_save(step):
         guard.check()
         checkpointer.save(trainer, step)
@@ -323,6 +359,7 @@ def _train_loop(trainer: Trainer, checkpointer: checkpoint.Checkpointer, workdir
       if preempted:
         break
   progress.close()
+  profiler.stop()
   writer.close()
   if preempted:
     checkpointer.wait()

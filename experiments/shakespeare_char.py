@@ -30,9 +30,11 @@ def get_config():
   c.model.embed_dim = 128
   c.model.dropout = 0.0
   c.model.use_bias = False
+  c.model.mlp = "gelu"  # nanoGPT's nn.GELU(): exact, not the tanh approximation
   c.optimizer.learning_rate = 1e-3
   c.optimizer.b2 = 0.99
   c.optimizer.weight_decay = 0.1
+  c.optimizer.weight_decay_exclude = ("bias", "scale")  # nanoGPT decays every 2-D weight
   c.optimizer.warmup_steps = 100
   c.optimizer.decay_steps = 2000
   c.optimizer.end_learning_rate = 1e-4

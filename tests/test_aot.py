@@ -34,10 +34,7 @@ def small_config():
 def analytic_step_flops(c):
   m = c.model
   params = nn.unbox(abstract_params(Transformer(ModelConfig.from_config(m)), m.block_size))
-  per_token = flops.train_flops_per_token(params, tie_embeddings=m.tie_embeddings,
-                                          num_layers=m.num_layers, seq_len=m.block_size,
-                                          num_heads=m.num_heads,
-                                          head_dim=m.embed_dim // m.num_heads)
+  per_token = flops.train_flops_per_token(params, m)
   param_bytes = sum(x.size * 4 for x in __import__("jax").tree.leaves(params))
   return per_token * c.batch_size * m.block_size, param_bytes
 

@@ -29,7 +29,7 @@ def test_train_writes_run_files_then_sample_prints_text(tmp_path, corpus_file):
   workdir = tmp_path / "run"
   result = bigflax("train", f"--config.data.path={corpus_file}", "--config.data.tokenizer=char",
                    "--config.steps=6", "--config.log_every=2", "--config.eval_every=3", *TINY,
-                   f"--workdir={workdir}")
+                   "--config.profile_steps=4,5", f"--workdir={workdir}")
   assert "eval_loss" in result.stderr + result.stdout
   assert "sample ('def ' →)" in result.stdout
   config = json.loads((workdir / "config.json").read_text())
@@ -40,8 +40,12 @@ def test_train_writes_run_files_then_sample_prints_text(tmp_path, corpus_file):
   eval_records = [r for r in records if "eval_loss" in r]
   assert [r["step"] for r in train_records] == [2, 4, 6]
   assert [r["step"] for r in eval_records] == [3, 6]
-  for key in ("loss", "learning_rate", "tokens_per_sec", "accuracy", "grad_norm"):
+  for key in ("loss", "learning_rate", "tokens_per_sec", "mfu", "accuracy", "grad_norm"):
     assert all(key in r for r in train_records)
+  assert all(r["tokens_per_sec"] > 0 and 0 < r["mfu"] < 1 for r in train_records)
+  # The jax.profiler trace of steps 4-5, for TensorBoard/XProf and for Perfetto.
+  assert list((workdir / "profile").rglob("*.xplane.pb"))
+  assert list((workdir / "profile").rglob("perfetto_trace.json.gz"))
   assert list(workdir.glob("events.out.tfevents*"))
   assert (workdir / "params").is_dir()
 
@@ -72,6 +76,7 @@ def test_experiment_file_and_default_workdir(tmp_path, corpus_file):
     ("--config.data.path=/no/such/file.txt", "config.data.path='/no/such/file.txt': no such file"),
     ("--config.data.source=tfds:lm1bb", "TFDS has no dataset named 'lm1bb' (did you mean lm1b"),
     ("--config.model.embed_dim=130", "embed_dim=130 is not divisible by config.model.num_heads=4"),
+    ("--config.profile_steps=5", "config.profile_steps='5' must be 'A,B' with 1 <= A <= B"),
 ])
 def test_bad_input_gives_one_clear_error(tmp_path, corpus_file, flag, message):
   result = bigflax("train", f"--config.data.path={corpus_file}", flag, f"--workdir={tmp_path}",

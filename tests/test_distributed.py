@@ -76,8 +76,10 @@ def test_two_processes_train_like_one_process_with_all_devices(tmp_path, corpus_
   # Only process 0 writes metrics (no record twice), TensorBoard events and talks to the user.
   assert len(list((tmp_path / "two").glob("events.out.tfevents*"))) == 1
   assert "sample (" in results[0][1] and "step 5: eval_loss" in results[0][1]
-  ours = [line for line in results[1][1].splitlines() if line.strip() and "[Gloo]" not in line]
-  assert ours == [], results[1][1]  # gloo's C++ logging of the connections is all there is
+  # Process 1 prints nothing of ours. (Gloo's C++ connection logging also goes to its stdout,
+  # from several threads at once, so its lines interleave: look for our words, not for silence.)
+  for ours in ("loss", "sample (", "cpu devices", "step "):
+    assert ours not in results[1][1], results[1][1]
 
 
 def test_a_missing_process_is_reported_within_the_timeout(tmp_path, corpus_file):

@@ -10,7 +10,7 @@ import optax
 import pytest
 
 from bigflax import presets
-from bigflax.model import (ModelConfig, Transformer, abstract_params, stack_layers,
+from bigflax.model import (Dropout, ModelConfig, Transformer, abstract_params, stack_layers,
                            unstack_layers)
 from bigflax.objective import next_token_loss
 
@@ -101,15 +101,15 @@ def test_bias_free_model_has_no_biases():
   assert not [n for n in names if "bias" in n]
 
 
-def test_bfloat16_compute_keeps_float32_params():
+def test_bfloat16_compute_keeps_float32_params_and_logits():
   cfg = ModelConfig(**{**CFG.__dict__, "dtype": "bfloat16"})
   model, params = init(cfg)
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
   logits = model.apply({"params": params}, jnp.ones((1, 8), jnp.int32))
-  assert logits.dtype == jnp.bfloat16
-  _, ref_params = init()
+  assert logits.dtype == jnp.float32  # the loss's log-softmax needs f32 logits
   ref = init()[0].apply({"params": params}, jnp.ones((1, 8), jnp.int32))
-  np.testing.assert_allclose(np.asarray(logits, np.float32), ref, atol=0.1)
+  np.testing.assert_allclose(logits, ref, atol=0.1)
+  assert not np.array_equal(logits, ref)  # the bf16 products did run
 
 
 def test_dropout_is_active_only_when_not_deterministic():
@@ -122,6 +122,23 @@ def test_dropout_is_active_only_when_not_deterministic():
                       rngs={"dropout": jax.random.key(3)})
   np.testing.assert_array_equal(eval_a, eval_b)
   assert np.abs(np.asarray(train - eval_a)).max() > 1e-3
+
+
+@pytest.mark.parametrize("rate, shape", [(0.2, (64, 6, 130)), (0.5, (30, 1001))])
+def test_dropout_drops_its_rate_and_keeps_the_expectation(rate, shape):
+  x = jnp.ones(shape)
+  y = Dropout(rate).apply({}, x, deterministic=False, rngs={"dropout": jax.random.key(0)})
+  kept = np.asarray(y) != 0
+  tolerance = 4 * (rate * (1 - rate) / kept.size) ** 0.5  # 4 standard deviations
+  assert abs(kept.mean() - (1 - rate)) < tolerance
+  np.testing.assert_allclose(np.asarray(y)[kept], 256 / round((1 - rate) * 256))
+  assert abs(float(y.mean()) - 1.0) < 3 * tolerance  # inverted dropout: the mean is unchanged
+  assert 0 < kept[..., -3:].mean() < 1  # the tail of an axis not divisible by 4 is random too
+  rows = kept.reshape(-1, shape[-1])
+  assert not (rows == rows[0]).all()  # every row has its own draw
+  other = Dropout(rate).apply({}, x, deterministic=False, rngs={"dropout": jax.random.key(1)})
+  assert not np.array_equal(np.asarray(other) != 0, kept)
+  np.testing.assert_array_equal(Dropout(rate).apply({}, x, deterministic=True), x)
 
 
 def test_sequence_longer_than_block_size_is_rejected():
@@ -166,6 +183,24 @@ def test_a_packed_row_equals_its_documents_run_separately(name):
   logits = model.apply({"params": params}, packed, positions, segment_ids)
   np.testing.assert_allclose(logits[:, :5], model.apply({"params": params}, a), atol=1e-5)
   np.testing.assert_allclose(logits[:, 5:13], model.apply({"params": params}, b), atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [6])  # 16 = 6 + 6 + 4: full chunks and a short last one
+def test_chunked_causal_attention_equals_the_full_square(chunk):
+  cfg = COMBOS["llama2_70b"]  # grouped-query attention and rope: the most index bookkeeping
+  model, params = init(cfg)
+  chunked = Jitted(dataclasses.replace(cfg, attention_chunk=chunk))
+  tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, 50)
+  segment_ids = jnp.array([[1] * 7 + [2] * 9, [1] * 16])
+  positions = jnp.array([list(range(7)) + list(range(9)), list(range(16))])
+  np.testing.assert_allclose(
+      chunked.apply({"params": params}, tokens, positions, segment_ids),
+      model.apply({"params": params}, tokens, positions, segment_ids), atol=1e-5)
+
+  def loss(apply, params):
+    return apply({"params": params}, tokens, positions, segment_ids).mean()
+  grads = [jax.grad(functools.partial(loss, m.apply))(params) for m in (chunked, model)]
+  jax.tree.map(functools.partial(np.testing.assert_allclose, atol=1e-6), *grads)
 
 
 def test_grouped_query_attention_shares_key_value_heads():
