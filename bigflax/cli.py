@@ -1,4 +1,4 @@
-"""`bigflax train|sample`: argument handling only; the work happens in bigflax.train/decode."""
+"""`bigflax train|sample|aot`: argument handling only; the work is in bigflax.train/decode/aot."""
 
 import pathlib
 import sys

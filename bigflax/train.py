@@ -270,7 +270,7 @@ class Profiler:
 
   def after(self, step: int, metrics) -> None:
     if self.active and step == self.steps[1]:
-      jax.block_until_ready(metrics)  # the trace must hold the steps' device work, not only dispatch
+      jax.block_until_ready(metrics)  # the trace must hold the steps' device work, not dispatch
       self.stop()
 
   def stop(self) -> None:

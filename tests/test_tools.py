@@ -1,7 +1,8 @@
-"""The user-facing scripts in tools/: plot_metrics and reproduce."""
+"""The user-facing scripts in tools/: plot_metrics, reproduce and bench."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -40,3 +41,24 @@ def test_reproduce_exits_nonzero_when_the_target_is_missed(tmp_path, corpus_file
   assert result.returncode == 1, result.stderr[-2000:]
   assert "MISSED" in result.stdout and "target ≤ 1.88" in result.stdout
   assert (tmp_path / "metrics.jsonl").exists()
+
+
+def test_bench_reports_step_time_flops_and_mfu_side_by_side(corpus_file):
+  result = run_tool(
+      "tools/bench.py", "--config=experiments/shakespeare_char.py",
+      f"--config.data.path={corpus_file}", "--config.sample.prompt=line",
+      "--config.model.block_size=32", "--steps=3", "--compare=model.attention_chunk=8")
+  assert result.returncode == 0, result.stderr[-2000:]
+  out = result.stdout
+  median, low, high = map(float, re.search(
+      r"step time: median ([\d.]+) ms \(min ([\d.]+), max ([\d.]+)\) over 3 steps", out).groups())
+  assert 0 < low <= median <= high
+  assert re.search(r"training loop: [\d.]+ ms/step \(mean of 3", out)
+  # The analytic FLOPs agree with XLA's count of the same compiled step (which adds the
+  # elementwise work the formula leaves out).
+  ratio = float(re.search(r"XLA cost_analysis: [\d.]+ M/token \(ratio ([\d.]+)\)", out).group(1))
+  assert 1.0 <= ratio < 1.15
+  assert "measured float32 XLA matmul ceiling" in out
+  assert 0 < float(re.search(r"MFU: ([\d.]+)%", out).group(1)) <= 100
+  assert re.search(r"side by side, model.attention_chunk=8: median [\d.]+ ms; base is [\d.]+×",
+                   out)
