@@ -18,7 +18,7 @@ import re
 import jax
 import jax.numpy as jnp
 
-from bigflax import hardware, optim, sharding
+from bigflax import flops, hardware, optim, sharding
 from bigflax.config import validate
 from bigflax.errors import UserError
 from bigflax.model import ModelConfig, Transformer
@@ -80,8 +80,10 @@ class Plan:
   alias_bytes: int  # outputs that reuse donated argument buffers
   temp_bytes: int  # activations and other temporaries
   hbm_bytes: int
-  flops_per_device: float
+  flops_per_device: float  # XLA's count: a scanned layer loop's body counts once
+  model_flops_per_device: float  # bigflax.flops: 6·N + 12·L·T·d per token
   collectives: dict
+  scanned: bool = False  # config.model.scan_layers
   out_of_memory: str = ""  # the TPU compiler's own refusal, when it ran out of HBM
 
   @property
@@ -114,16 +116,21 @@ def compile_plan(config, topology: str, changes: dict | None = None) -> Plan:
   tx = optim.make_optimizer(config.optimizer, config.steps)
   state, state_shardings = abstract_train_state(model, tx, config.model.block_size, mesh, rules)
   batch_sharding = sharding.batch_sharding(mesh, rules)
+  sharding.check_batch_size(config, batch_sharding)
   shape = (config.batch_size, config.model.block_size)
   batch = {name: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
            for name, dtype in (("inputs", jnp.int32), ("targets", jnp.int32),
                                ("loss_mask", jnp.float32))}
   rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=sharding.replicated(mesh))
   step = jit_train_step(state_shardings, batch_sharding, grad_accum_steps=config.grad_accum_steps,
-                        schedule=schedule)
+                        schedule=schedule, z_loss=config.z_loss)
+  model_flops = (flops.train_flops_per_token(state.params, config.model) * config.batch_size
+                 * config.model.block_size / len(devices))
   plan = functools.partial(Plan, topology=topology, device_kind=devices[0].device_kind,
                            mesh=dict(mesh.shape), changes=dict(changes or {}),
-                           hbm_bytes=chip.hbm_bytes if chip else 0)
+                           hbm_bytes=chip.hbm_bytes if chip else 0,
+                           model_flops_per_device=model_flops,
+                           scanned=config.model.scan_layers)
   with sharding.activate(mesh, rules):
     lowered = step.lower(state, batch, rng)
     try:
@@ -177,7 +184,9 @@ def describe(plan: Plan) -> str:
       f"temporaries {_gib(plan.temp_bytes)}, outputs {_gib(plan.output_bytes)} "
       f"({_gib(plan.alias_bytes)} aliased to donated inputs)",
       f"total {_gib(plan.total_bytes)} of {_gib(plan.hbm_bytes)} HBM: {verdict}",
-      f"FLOPs per step per device (XLA cost analysis): {plan.flops_per_device:.4g}",
+      f"FLOPs per step per device: {plan.model_flops_per_device:.4g} model "
+      f"(6·N + 12·L·T·d); XLA cost analysis {plan.flops_per_device:.4g}"
+      + (" (counts the scanned layer loop once)" if plan.scanned else ""),
       f"collectives: {collectives}",
   ])
 
@@ -189,8 +198,12 @@ def plan_and_report(config, topology_or_slice: str, print_fn=print) -> Plan:
   if not plan.fits:
     print_fn("\nsearching for settings that fit:")
     for changes in alternatives(config):
-      candidate = compile_plan(config, topology, changes)
       flags = " ".join(f"--config.{k}={v}" for k, v in changes.items())
+      try:
+        candidate = compile_plan(config, topology, changes)
+      except sharding.ShardingError:  # e.g. microbatches too small to split over the mesh
+        print_fn(f"  n/a     {'(batch split)':>12}  {flags}")
+        continue
       size = "(out of HBM)" if candidate.out_of_memory else _gib(candidate.total_bytes)
       print_fn(f"  {'fits   ' if candidate.fits else 'too big'} {size:>12}  {flags}")
   return plan

@@ -156,22 +156,17 @@ class Einsum(nn.Module):
   result_dtype: jnp.dtype | None = None  # None = the compute dtype
 
   @nn.compact
-  def weights(self):
-    """(kernel, bias or None), in the param dtype."""
-    param_dtype = DTYPES[self.cfg.param_dtype]
+  def __call__(self, x):
+    dtype, param_dtype = DTYPES[self.cfg.dtype], DTYPES[self.cfg.param_dtype]
+    result_dtype = self.result_dtype or dtype
     kernel = self.param("kernel", _init(self.stddev, self.kernel_axes), self.kernel_shape,
                         param_dtype)
-    if not (self.use_bias and self.cfg.use_bias):
-      return kernel, None
-    out_rank = len(self.equation.split("->")[1]) - 2  # all but batch and length
-    return kernel, self.param("bias", _zeros(self.kernel_axes[-out_rank:]),
-                              self.kernel_shape[-out_rank:], param_dtype)
-
-  def __call__(self, x):
-    result_dtype = self.result_dtype or DTYPES[self.cfg.dtype]
-    kernel, bias = self.weights()
-    y = _matmul(self.equation, x, kernel, DTYPES[self.cfg.dtype]).astype(result_dtype)
-    return y if bias is None else y + bias.astype(result_dtype)
+    y = _matmul(self.equation, x, kernel, dtype).astype(result_dtype)
+    if self.use_bias and self.cfg.use_bias:
+      out_rank = len(self.equation.split("->")[1]) - 2  # all but batch and length
+      y += self.param("bias", _zeros(self.kernel_axes[-out_rank:]),
+                      self.kernel_shape[-out_rank:], param_dtype).astype(result_dtype)
+    return y
 
 
 class Dropout(nn.Module):
@@ -231,24 +226,14 @@ class CausalSelfAttention(nn.Module):
     cfg = self.cfg
     dtype = DTYPES[cfg.dtype]
 
-    projections = [Einsum("ble,ehd->blhd", (cfg.embed_dim, heads, cfg.head_dim),
-                          ("embed", axis, "head_dim"), 0.02, cfg, name=name)
-                   for name, heads, axis in (("query", cfg.num_heads, "heads"),
-                                             ("key", cfg.kv_heads, "kv_heads"),
-                                             ("value", cfg.kv_heads, "kv_heads"))]
-    if cfg.kv_heads == cfg.num_heads:
-      # One matmul for q, k and v (GPT-2's c_attn), three times wider than each alone: faster on
-      # a CPU. Stacked after the heads axis, so a device holding some heads holds all three.
-      kernels, biases = zip(*(p.weights() for p in projections))
-      qkv = _matmul("ble,ehnd->blhnd", x, jnp.stack(kernels, axis=2), dtype).astype(dtype)
-      if biases[0] is not None:
-        qkv += jnp.stack(biases, axis=1).astype(dtype)
-      q, k, v = (qkv[:, :, :, i] for i in range(3))
-    else:
-      q, k, v = (p(x) for p in projections)
-    q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
-    k, v = (nn.with_logical_constraint(y, ("batch", "length", "kv_heads", "head_dim"))
-            for y in (k, v))
+    def project(name, heads, heads_axis):
+      y = Einsum("ble,ehd->blhd", (cfg.embed_dim, heads, cfg.head_dim),
+                 ("embed", heads_axis, "head_dim"), 0.02, cfg, name=name)(x)
+      return nn.with_logical_constraint(y, ("batch", "length", heads_axis, "head_dim"))
+
+    q = project("query", cfg.num_heads, "heads")
+    k = project("key", cfg.kv_heads, "kv_heads")
+    v = project("value", cfg.kv_heads, "kv_heads")
     if cfg.positions == "rope":
       q, k = rotary(q, positions, cfg.rope_theta), rotary(k, positions, cfg.rope_theta)
 

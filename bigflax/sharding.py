@@ -117,6 +117,18 @@ def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
   return logical_shardings(PartitionSpec("batch", "length"), mesh, rules)
 
 
+def check_batch_size(config, batch_sharding: NamedSharding) -> None:
+  """Each of the grad_accum_steps microbatches must split evenly over the batch's mesh axes."""
+  mesh = batch_sharding.mesh
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  rows_per_step = config.batch_size // config.grad_accum_steps
+  if config.batch_size % config.grad_accum_steps or rows_per_step % shards:
+    raise ShardingError(
+        f"config.batch_size={config.batch_size} must split into config.grad_accum_steps="
+        f"{config.grad_accum_steps} microbatches each divisible by config.mesh.data × "
+        f"config.mesh.fsdp = {shards}; change config.batch_size or the mesh")
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 

@@ -148,13 +148,7 @@ class Trainer:
     if config.skip_nonfinite:  # a NaN/Inf gradient leaves params and optimizer state as they were
       tx = optax.apply_if_finite(tx, max_consecutive_errors=np.iinfo(np.int32).max)
     self.batch_sharding = sharding.batch_sharding(self.mesh, self.rules)
-    rows_per_step = config.batch_size // config.grad_accum_steps
-    shards = self.batch_sharding.mesh.shape["data"] * self.batch_sharding.mesh.shape["fsdp"]
-    if config.batch_size % config.grad_accum_steps or rows_per_step % shards:
-      raise sharding.ShardingError(
-          f"config.batch_size={config.batch_size} must split into config.grad_accum_steps="
-          f"{config.grad_accum_steps} microbatches each divisible by config.mesh.data × "
-          f"config.mesh.fsdp = {shards}; change config.batch_size or the mesh")
+    sharding.check_batch_size(config, self.batch_sharding)
     rng = jax.random.key(config.seed)
     self.state, self.state_shardings = create_train_state(
         self.model, tx, rng, config.model.block_size, self.mesh, self.rules)

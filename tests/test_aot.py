@@ -1,9 +1,10 @@
 """AOT compilation for TPU topologies from this CPU. Needs libtpu (in the `test` extra)."""
 
 import flax.linen as nn
+import numpy as np
 import pytest
 
-from bigflax import aot, flops
+from bigflax import aot, flops, sharding
 from bigflax.config import base
 from bigflax.errors import UserError
 from bigflax.model import ModelConfig, Transformer, abstract_params
@@ -48,6 +49,7 @@ def test_compile_for_v5e_2x2_reports_memory_flops_and_collectives():
   assert plan.device_kind == "TPU v5 lite" and plan.mesh["data"] == 4
   # XLA also counts norms, softmax and the optimizer: a few percent above the matmul count.
   assert 1.0 <= plan.flops_per_device * 4 / expected_flops < 1.1
+  np.testing.assert_allclose(plan.model_flops_per_device * 4, expected_flops, rtol=1e-9)
   # Data parallel: each device holds all params plus Adam's two moments.
   assert plan.argument_bytes >= 3 * param_bytes
   assert plan.fits and plan.hbm_bytes == 16 * 2**30
@@ -67,6 +69,17 @@ def test_a_model_that_does_not_fit_gets_settings_that_do(monkeypatch):
   plan = aot.plan_and_report(c, "v5e-4", print_fn=lines.append)
   assert not plan.fits and "DOES NOT FIT" in "\n".join(lines)
   assert lines[-1].strip().startswith("fits") and "--config.mesh.fsdp=-1" in lines[-1]
+
+
+def test_a_batch_that_does_not_split_over_the_chips_names_the_field():
+  pytest.importorskip("libtpu", reason="libtpu is not installed, so nothing can be compiled for "
+                      "TPU here: pip install -e '.[test]' installs it")
+  c = small_config()
+  c.batch_size = 6  # 4 chips of data parallelism
+  with pytest.raises(sharding.ShardingError, match=r"config.batch_size=6 must split into .* "
+                                                   r"divisible by config.mesh.data × "
+                                                   r"config.mesh.fsdp = 4"):
+    aot.compile_plan(c, "v5e:2x2")
 
 
 def test_alternatives_try_fsdp_then_smaller_microbatches():
