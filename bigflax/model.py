@@ -224,7 +224,6 @@ class CausalSelfAttention(nn.Module):
   @nn.compact
   def __call__(self, x, positions, segment_ids, *, deterministic: bool):
     cfg = self.cfg
-    dtype = DTYPES[cfg.dtype]
 
     def project(name, heads, heads_axis):
       y = Einsum("ble,ehd->blhd", (cfg.embed_dim, heads, cfg.head_dim),
