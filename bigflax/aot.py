@@ -98,12 +98,7 @@ class Plan:
 def compile_plan(config, topology: str, changes: dict | None = None) -> Plan:
   """Compiles config's train step for `topology` (with `changes` applied) and reads the result."""
   config = copy.deepcopy(config)
-  for key, value in (changes or {}).items():
-    *parents, leaf = key.split(".")
-    node = config
-    for part in parents:
-      node = node[part]
-    node[leaf] = value
+  config.update_from_flattened_dict(changes or {})
   validate(config)
   if not config.model.vocab_size:
     raise UserError("AOT compilation reads no data: set --config.model.vocab_size")

@@ -1,6 +1,7 @@
 """What the hardware can do: accelerator datasheet figures, and this machine's measured ceiling."""
 
 import dataclasses
+import functools
 import glob
 import importlib.util
 import os
@@ -51,11 +52,13 @@ def measure_matmul_flops(dtype=jnp.float32, n: int = 2048, trials: int = 10) -> 
   return 2 * n**3 / best
 
 
+@functools.cache
 def peak_flops(dtype=jnp.float32) -> tuple[float, str]:
   """Peak FLOP/s of all local devices, and where the figure comes from.
 
   On accelerators: the datasheet. On a CPU there is none, so the ceiling is measured (one
-  ~1 s matmul benchmark in the compute dtype): CPU-MFU is relative to what XLA can reach here."""
+  ~1 s matmul benchmark in the compute dtype), once per process and dtype: CPU-MFU is relative to
+  what XLA can reach here."""
   devices = jax.local_devices()
   chip = chip_of(devices[0])
   if chip:

@@ -49,10 +49,5 @@ def tiny_config(data_path, **overrides):
   c.optimizer.warmup_steps = 1
   c.mesh.data = 1
   c.sample.max_new_tokens = 8
-  for key, value in overrides.items():
-    target = c
-    *parents, leaf = key.split(".")
-    for part in parents:
-      target = target[part]
-    target[leaf] = value
+  c.update_from_flattened_dict(overrides)
   return c

@@ -17,6 +17,7 @@ what to quote (e.g. --compare model.attention_chunk=0 --compare model.dtype=bflo
 
 import copy
 import dataclasses
+import functools
 import statistics
 import time
 
@@ -74,16 +75,14 @@ class Run:
 
 
 def variant(config, overrides: str):
-  config = copy.deepcopy(config)
-  with config.unlocked():
-    for override in overrides.split(","):
-      field, _, value = override.partition("=")
-      *parents, leaf = field.strip().split(".")
-      node = config
-      for parent in parents:
-        node = node[parent]
-      node[leaf] = type(node[leaf])(value) if not isinstance(node[leaf], bool) else (
-          value.lower() in ("1", "true"))
+  """config with "FIELD=VALUE,…" applied, each value read as its field's type."""
+  config, changes = copy.deepcopy(config), {}
+  for override in overrides.split(","):
+    field, _, text = override.strip().partition("=")
+    current = functools.reduce(lambda node, part: node[part], field.split("."), config)
+    changes[field] = (text.lower() in ("1", "true") if isinstance(current, bool)
+                      else type(current)(text))
+  config.update_from_flattened_dict(changes)
   return config
 
 
@@ -102,7 +101,8 @@ def main(argv):
     for run, batch in zip(runs, step_batches):
       run.time_step(batch)
   loop = base.loop_seconds_per_step(_STEPS.value)
-  peak = max(peak, hardware.peak_flops(DTYPES[m.dtype])[0])
+  if hardware.chip_of(jax.devices()[0]) is None:
+    peak = max(peak, hardware.measure_matmul_flops(DTYPES[m.dtype]))
 
   first, times = base.times[0], base.times[1:]  # the first run also warms caches and allocators
   median = statistics.median(times)
