@@ -23,7 +23,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 from bigflax import data, sharding
-from bigflax.errors import UserError
+from bigflax.errors import CheckpointError, NonFiniteError, UserError
 from bigflax.model import ModelConfig, Transformer, abstract_params
 
 # Config fields a resumed run must share with its checkpoint: they fix the stored arrays' shapes
@@ -34,16 +34,6 @@ RESUME_FIXED_FIELDS = ("model", "data", "batch_size", "seed", "optimizer.name", 
 RESUME_FREE_FIELDS = ("model.dtype", "model.remat", "model.attention_chunk", "data.prefetch",
                       "data.data_dir")
 _MAX_LISTED = 12  # differences listed in an error before "… and N more"
-
-
-class CheckpointError(UserError):
-  """A checkpoint that cannot be resumed from as asked; the message names it and the way out."""
-
-
-class NonFiniteError(UserError):
-  """Training produced NaN/Inf; nothing non-finite is checkpointed."""
-  FIX = ("lower config.optimizer.learning_rate (or raise warmup_steps / clip harder with "
-         "config.optimizer.clip_norm), or set config.skip_nonfinite=True to skip such updates")
 
 
 def checkpoints_dir(workdir: str) -> pathlib.Path:

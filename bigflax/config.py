@@ -11,7 +11,7 @@ value of the wrong type fails while parsing flags; `validate` then checks the va
 import ml_collections
 
 from bigflax import data, optim, sharding
-from bigflax.errors import UserError
+from bigflax.errors import ConfigError
 from bigflax.model import DTYPES, MLPS, NORMS, POSITIONS, REMAT_POLICIES
 
 
@@ -134,10 +134,6 @@ def get_config() -> ml_collections.ConfigDict:
   config = base()
   config.name = "stdlib_bytes"
   return config
-
-
-class ConfigError(UserError):
-  """A config value that cannot work; the message names the field and the fix."""
 
 
 def _check(ok: bool, message: str):

@@ -19,13 +19,9 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from bigflax.errors import UserError
+from bigflax.errors import DistributedError
 
 GOOGLE_PCI_VENDOR = "0x1ae0"  # the vendor id of TPU chips on the host's PCI bus
-
-
-class DistributedError(UserError):
-  """The processes of a run could not form one system; the message names the field to check."""
 
 
 def _on_cloud_tpu(environ, pci_devices: pathlib.Path) -> bool:

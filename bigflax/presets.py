@@ -8,7 +8,7 @@ are what matter for planning memory and FLOPs. Select one with the experiment fi
 
 import functools
 
-from bigflax.config import ConfigError
+from bigflax.errors import ConfigError
 
 GPT2_VOCAB = 50257  # GPT-2's byte-level BPE, also used by GPT-3
 LLAMA2_VOCAB = 32000  # Llama 2's sentencepiece model

@@ -17,7 +17,7 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from bigflax.errors import UserError
+from bigflax.errors import ShardingError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -35,10 +35,6 @@ DEFAULT_RULES = (
     ("vocab", "tensor"),
     ("layers", None),
 )
-
-
-class ShardingError(UserError):
-  """A mesh or rule setting that cannot work; the message names the config field to change."""
 
 
 def mesh_shape(mesh_config, num_devices: int) -> tuple[int, ...]:

@@ -15,6 +15,7 @@ from flax.training import train_state
 
 from bigflax import checkpoint, data, decode, flops, hardware, optim, sharding
 from bigflax.config import profile_steps, validate
+from bigflax.errors import NonFiniteError
 from bigflax.metrics import MetricsWriter
 from bigflax.model import DTYPES, ModelConfig, Transformer
 from bigflax.objective import next_token_loss
@@ -245,9 +246,9 @@ class NumericsGuard:
     pending, self._pending = jax.device_get(self._pending), []
     for step, loss, grad_norm in pending:
       if not (np.isfinite(loss) and np.isfinite(grad_norm)):
-        raise checkpoint.NonFiniteError(
+        raise NonFiniteError(
             f"step {step}: loss {loss}, grad_norm {grad_norm}; training stopped and the state "
-            f"was not checkpointed; {checkpoint.NonFiniteError.FIX}")
+            f"was not checkpointed; {NonFiniteError.FIX}")
 
 
 class Profiler:

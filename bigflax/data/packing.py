@@ -15,7 +15,7 @@ predictions is made exactly once. Each piece is its own segment, with positions 
 
 import numpy as np
 
-from bigflax.data.tokenizers import DataError
+from bigflax.errors import DataError
 
 
 class RowStream:

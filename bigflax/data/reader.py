@@ -18,7 +18,7 @@ import importlib
 import tensorflow_datasets as tfds
 
 from bigflax.data import sources, text_builder
-from bigflax.data.tokenizers import DataError
+from bigflax.errors import DataError
 
 
 TEXT_CATEGORIES = ("text", "summarization", "translate", "question_answering",

@@ -16,7 +16,7 @@ import re
 import sysconfig
 import zlib
 
-from bigflax.data.tokenizers import DataError
+from bigflax.errors import DataError
 
 DOCUMENT_UNITS = ("file", "paragraph")
 _BLANK_LINES = re.compile(rb"\n(?:[ \t\r\f\v]*\n)+")

@@ -11,11 +11,7 @@ import pathlib
 import numpy as np
 import sentencepiece as spm
 
-from bigflax.errors import UserError
-
-
-class DataError(UserError):
-  """Input data that cannot be used; the message says what is wrong and how to fix it."""
+from bigflax.errors import DataError
 
 
 class ByteTokenizer:

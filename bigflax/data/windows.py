@@ -9,7 +9,7 @@ seed and k — restarting a run or skipping ahead never needs to replay earlier 
 
 import numpy as np
 
-from bigflax.data.tokenizers import DataError
+from bigflax.errors import DataError
 
 TRAIN, VAL = 0, 1
 

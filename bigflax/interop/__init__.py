@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.flax import save_file
 
 from bigflax.interop import gpt2, llama
-from bigflax.interop.errors import InteropError
+from bigflax.errors import InteropError
 from bigflax.model import DTYPES, ModelConfig, stack_layers, unstack_layers
 
 FAMILIES = {"gpt2": gpt2, "llama": llama}  # config.json's model_type → converter module

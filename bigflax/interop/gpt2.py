@@ -5,7 +5,7 @@ side by side."""
 
 import numpy as np
 
-from bigflax.interop.errors import InteropError
+from bigflax.errors import InteropError
 
 # transformers' activation_function → config.model.mlp
 ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}

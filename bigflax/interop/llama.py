@@ -6,7 +6,7 @@ head_dim], so each conversion is a transpose and a reshape."""
 
 import numpy as np
 
-from bigflax.interop.errors import InteropError
+from bigflax.errors import InteropError
 
 REQUIRED = {"norm": "rmsnorm", "positions": "rope", "mlp": "swiglu"}
 ATTENTION = (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj"))
