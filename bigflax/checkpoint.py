@@ -1,5 +1,5 @@
-"""Orbax checkpoints: resumable train state in WORKDIR/checkpoints/<step>/, a params-only export in
-WORKDIR/params, and the preemption signals that trigger a final save.
+"""Orbax checkpoints: resumable train state in WORKDIR/checkpoints/<step>/ and the preemption
+signals that trigger a final save.
 
 A checkpoint has three items: `state` (params, optimizer state, step and dropout RNG; arrays in
 Orbax's OCDBT format, restored straight into the shardings of whatever mesh the new run has),
@@ -15,16 +15,13 @@ import pathlib
 import signal
 import threading
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-from bigflax import data, sharding
-from bigflax.errors import CheckpointError, NonFiniteError, UserError
-from bigflax.model import ModelConfig, Transformer, abstract_params
+from bigflax import sharding
+from bigflax.errors import CheckpointError, NonFiniteError
 
 # Config fields a resumed run must share with its checkpoint: they fix the stored arrays' shapes
 # (model; optimizer.name and skip_nonfinite shape the optimizer state) or the data stream the run
@@ -38,10 +35,6 @@ _MAX_LISTED = 12  # differences listed in an error before "… and N more"
 
 def checkpoints_dir(workdir: str) -> pathlib.Path:
   return pathlib.Path(workdir).absolute() / "checkpoints"
-
-
-def params_dir(workdir: str) -> pathlib.Path:
-  return pathlib.Path(workdir).absolute() / "params"
 
 
 def _path_str(path) -> str:
@@ -76,7 +69,7 @@ def shape_mismatches(stored, expected) -> list[str]:
   return lines
 
 
-def _check_shapes(stored, expected, where) -> None:
+def check_shapes(stored, expected, where) -> None:
   lines = shape_mismatches(stored, expected)
   if lines:
     raise CheckpointError(f"{where} was written by a model of a different shape; mismatched "
@@ -198,7 +191,7 @@ class Checkpointer:
           f"{_listed(differences)}\nrun with the checkpoint's values (see "
           f"{self.directory.parent / 'config.json'}), or pick a new --workdir to start over")
     target = abstract_state_item(trainer)
-    _check_shapes(stored_tree, target, where)
+    check_shapes(stored_tree, target, where)
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
@@ -252,30 +245,3 @@ def stop_signals():
   finally:
     for signum, handler in previous.items():
       signal.signal(signum, handler)
-
-
-def export_params(workdir: str, params) -> None:
-  with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(params_dir(workdir), params, force=True)
-    checkpointer.wait_until_finished()
-
-
-def load_export(workdir: str):
-  """(config, model, params, tokenizer) of a finished run, from config.json and the export."""
-  config_path, path = pathlib.Path(workdir) / "config.json", params_dir(workdir)
-  if not config_path.exists() or not path.exists():
-    raise UserError(f"{workdir} holds no finished run (need config.json and params/); train "
-                    f"one first with: bigflax train --workdir {workdir}")
-  config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
-  model = Transformer(ModelConfig.from_config(config.model))
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct,
-                          nn.unbox(abstract_params(model, config.model.block_size)))
-  with ocp.StandardCheckpointer() as checkpointer:
-    try:
-      stored = checkpointer.metadata(path).item_metadata.tree
-    except Exception as e:  # noqa: BLE001
-      raise CheckpointError(f"the params export {path} is corrupted or incomplete ({e}); "
-                            "train again or copy it anew") from e
-    _check_shapes(stored, abstract, path)
-    params = checkpointer.restore(path, abstract)
-  return config, model, params, data.make_tokenizer(config.data)

@@ -45,8 +45,8 @@ def _train() -> None:
 def _sample() -> None:
   if not _WORKDIR.value:
     raise UserError("bigflax sample needs --workdir DIR, the directory of a finished run")
-  from bigflax import checkpoint, decode
-  config, model, params, tokenizer = checkpoint.load_export(_WORKDIR.value)
+  from bigflax import decode, rundir
+  config, model, params, tokenizer = rundir.load_export(_WORKDIR.value)
   s = config.sample
   print(decode.sample_text(
       model, params, tokenizer, s.prompt if _PROMPT.value is None else _PROMPT.value,

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from bigflax.errors import DistributedError
+from bigflax.errors import DistributedError, UserError
 
 GOOGLE_PCI_VENDOR = "0x1ae0"  # the vendor id of TPU chips on the host's PCI bus
 

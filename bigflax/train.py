@@ -1,7 +1,6 @@
 """The training core: train state, the jitted train and eval steps, and the loop that runs them."""
 
 import functools
-import json
 import pathlib
 import time
 
@@ -16,7 +15,8 @@ from flax.training import train_state
 from bigflax import checkpoint, data, decode, flops, hardware, optim, sharding
 from bigflax.config import profile_steps, validate
 from bigflax.errors import NonFiniteError
-from bigflax.metrics import MetricsWriter
+from bigflax import rundir
+from bigflax.rundir import MetricsWriter
 from bigflax.model import DTYPES, ModelConfig, Transformer
 from bigflax.objective import next_token_loss
 
@@ -208,28 +208,6 @@ class Trainer:
         seed=seed)
 
 
-def write_config(config, workdir: str) -> None:
-  path = pathlib.Path(workdir) / "config.json"
-  path.write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
-
-
-def _truncate_metrics(workdir: str, step: int) -> None:
-  """Drops the records after `step` (and a line cut short by a crash): a run that died after
-  logging past its last checkpoint recomputes those steps when it resumes, bit for bit, so keeping
-  the old records would log them twice."""
-  path = pathlib.Path(workdir) / "metrics.jsonl"
-  if not path.exists():
-    return
-  kept = []
-  for line in path.read_text(encoding="utf-8").splitlines():
-    try:
-      if json.loads(line)["step"] <= step:
-        kept.append(line + "\n")
-    except json.JSONDecodeError:
-      pass
-  path.write_text("".join(kept), encoding="utf-8")
-
-
 class NumericsGuard:
   """Finds the first step whose loss or gradient norm is NaN/Inf without a host sync per step: the
   steps' scalar metrics stay on device until the loop syncs anyway (to log or checkpoint)."""
@@ -297,8 +275,8 @@ def _train_loop(trainer: Trainer, checkpointer: checkpoint.Checkpointer, workdir
     checkpointer.restore(trainer, latest)
   start = latest or 0
   if is_main:
-    write_config(config, workdir)
-    _truncate_metrics(workdir, start)
+    rundir.write_config(config, workdir)
+    rundir.trim_metrics(workdir, start)
     num_params = sum(x.size for x in jax.tree.leaves(trainer.state.params))
     print_fn(f"data: {trainer.corpus.description}")
     print_fn(f"model: {num_params / 1e6:.2f}M params; mesh {dict(trainer.mesh.shape)} over "
@@ -362,7 +340,7 @@ def _train_loop(trainer: Trainer, checkpointer: checkpoint.Checkpointer, workdir
       print_fn(f"stopped by a preemption signal after step {step}; checkpoint "
                f"{checkpointer.step_dir(step)} written; run the same command again to resume")
     return last_eval
-  checkpoint.export_params(workdir, trainer.state.params)
+  rundir.export_params(workdir, trainer.state.params)
   s = config.sample  # every process samples (params may be sharded across hosts); one prints
   text = trainer.sample(s.prompt, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
                         top_k=s.top_k, top_p=s.top_p, seed=config.seed)

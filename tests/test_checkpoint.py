@@ -11,9 +11,9 @@ import numpy as np
 import portpicker
 import pytest
 
-from bigflax import checkpoint, data, train
+from bigflax import checkpoint, data, rundir, train
 from bigflax.config import ConfigError, validate
-from bigflax.metrics import read_metrics
+from bigflax.rundir import read_metrics
 from conftest import REPO, tiny_config
 
 ONE_DEVICE = jax.devices()[:1]
@@ -249,7 +249,7 @@ def test_steps_logged_after_the_last_checkpoint_are_recomputed_once(run_copy):
 def test_export_loads_through_the_python_api(run_copy):
   workdir, corpus = run_copy
   # README's snippet:
-  config, model, params, tokenizer = checkpoint.load_export(workdir)
+  config, model, params, tokenizer = rundir.load_export(workdir)
   logits = model.apply({"params": params}, np.array([tokenizer.encode("line 1")]))
   assert logits.shape == (1, 6, config.model.vocab_size)
   trainer = train.Trainer(run_config(corpus), devices=ONE_DEVICE)
@@ -280,14 +280,14 @@ def test_arrays_of_another_shape_are_listed(run_copy, tmp_path):
   saver = checkpoint.Checkpointer(tmp_path / "other", other.config)
   saver.save(other, 4)
   saver.close()
-  checkpoint.export_params(tmp_path / "other", other.state.params)
+  rundir.export_params(tmp_path / "other", other.state.params)
   for item in ("params", "checkpoints/4/state"):  # e.g. copied from the wrong run
     shutil.rmtree(workdir / item)
     shutil.copytree(tmp_path / "other" / item, workdir / item)
   with pytest.raises(checkpoint.CheckpointError,
                      match=r"params was written by a model of a different shape.*\n(  .*\n)*"
                            r"  \S+: \(16,\) in the checkpoint, \(32,\) in the model"):
-    checkpoint.load_export(workdir)
+    rundir.load_export(workdir)
   with pytest.raises(checkpoint.CheckpointError, match=r"opt_state/.*: \(16,\) in the checkpoint"):
     train.train(run_config(corpus, steps=6), workdir, devices=ONE_DEVICE)
 

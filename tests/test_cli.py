@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from bigflax.metrics import read_metrics
+from bigflax.rundir import read_metrics
 from conftest import REPO
 
 TINY = ["--config.model.block_size=16", "--config.model.num_layers=2",

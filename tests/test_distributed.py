@@ -14,7 +14,7 @@ import pytest
 
 from bigflax import distributed
 from bigflax.config import ConfigError, validate
-from bigflax.metrics import read_metrics
+from bigflax.rundir import read_metrics
 from conftest import REPO, tiny_config
 
 TIMEOUT = 15  # seconds: config.distributed.initialization_timeout here

@@ -11,7 +11,7 @@ import numpy as np
 import portpicker
 import pytest
 
-from bigflax.metrics import read_metrics
+from bigflax.rundir import read_metrics
 from conftest import REPO
 
 TPU = ["--name=pod", "--zone=us-west4-a"]

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from bigflax import sharding, train
-from bigflax.metrics import read_metrics
+from bigflax.rundir import read_metrics
 from conftest import REPO, tiny_config
 
 # 8 heads of 4 dims, MLP 128 and the vocabulary (the corpus's 40 characters) divide by tensor=8.

@@ -15,11 +15,10 @@ import argparse
 import pathlib
 import sys
 
-from bigflax import checkpoint, interop
+from bigflax import interop, rundir
 from bigflax.config import base, validate
 from bigflax.errors import UserError
 from bigflax.model import ModelConfig
-from bigflax.train import write_config
 
 
 def to_bigflax(args) -> str:
@@ -30,13 +29,13 @@ def to_bigflax(args) -> str:
   validate(config)
   params = interop.to_layout(params, ModelConfig.from_config(config.model))
   pathlib.Path(args.target).mkdir(parents=True, exist_ok=True)
-  write_config(config, args.target)
-  checkpoint.export_params(args.target, params)
+  rundir.write_config(config, args.target)
+  rundir.export_params(args.target, params)
   return f"wrote {args.target} (config.json, params/) from {args.source}"
 
 
 def to_hf(args) -> str:
-  _, model, params, _ = checkpoint.load_export(args.source)
+  _, model, params, _ = rundir.load_export(args.source)
   family = interop.save_hf(args.target, model.cfg, params)
   return f"wrote {args.target} ({family}: config.json, model.safetensors) from {args.source}"
 

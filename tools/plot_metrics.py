@@ -8,7 +8,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
-from bigflax.metrics import read_metrics  # noqa: E402
+from bigflax.rundir import read_metrics  # noqa: E402
 
 
 def plot(workdir: str, out: str | None = None) -> pathlib.Path:

@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 
-from bigflax.metrics import read_metrics
+from bigflax.rundir import read_metrics
 
 
 def target_of(experiment: str) -> float:

@@ -1,10 +1,10 @@
-"""metrics.jsonl and TensorBoard event files (bigflax/metrics.py)."""
+"""metrics.jsonl and TensorBoard event files (bigflax/rundir.py)."""
 
 import struct
 
 from tensorboardX.proto import event_pb2
 
-from bigflax.metrics import MetricsWriter, read_metrics
+from bigflax.rundir import MetricsWriter, read_metrics
 
 
 def events(path):
