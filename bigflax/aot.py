@@ -16,13 +16,9 @@ import os
 import re
 
 import jax
-import jax.numpy as jnp
 
-from bigflax import flops, hardware, optim, sharding
-from bigflax.config import validate
+from bigflax import flops, hardware, run as run_lib, sharding
 from bigflax.errors import UserError
-from bigflax.model import ModelConfig, Transformer
-from bigflax.train import abstract_train_state, jit_train_step
 
 COLLECTIVE = re.compile(r"\b(all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)"
                         r"(?:-start)?\(")
@@ -95,30 +91,24 @@ class Plan:
     return not self.out_of_memory and self.total_bytes <= self.hbm_bytes
 
 
+def lower(config, devices):
+  """(the run, its train step lowered) for `devices`: the run builder's step, as training runs
+  it, traced for abstract inputs (nothing allocated)."""
+  run_lib.check(config)
+  run = run_lib.build(config, devices)
+  return run, run.lower_train_step()
+
+
 def compile_plan(config, topology: str, changes: dict | None = None) -> Plan:
   """Compiles config's train step for `topology` (with `changes` applied) and reads the result."""
   config = copy.deepcopy(config)
   config.update_from_flattened_dict(changes or {})
-  validate(config)
   if not config.model.vocab_size:
     raise UserError("AOT compilation reads no data: set --config.model.vocab_size")
   devices = _tpu_devices(topology)
   chip = hardware.chip_of(devices[0])
-  mesh = sharding.make_mesh(config.mesh, devices)
-  rules = sharding.rules_of(config.mesh)
-  model = Transformer(ModelConfig.from_config(config.model))
-  schedule = optim.learning_rate_schedule(config.optimizer, config.steps)
-  tx = optim.make_optimizer(config.optimizer, config.steps)
-  state, state_shardings = abstract_train_state(model, tx, config.model.block_size, mesh, rules)
-  batch_sharding = sharding.batch_sharding(mesh, rules)
-  sharding.check_batch_size(config, batch_sharding)
-  shape = (config.batch_size, config.model.block_size)
-  batch = {name: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
-           for name, dtype in (("inputs", jnp.int32), ("targets", jnp.int32),
-                               ("loss_mask", jnp.float32))}
-  rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=sharding.replicated(mesh))
-  step = jit_train_step(state_shardings, batch_sharding, grad_accum_steps=config.grad_accum_steps,
-                        schedule=schedule, z_loss=config.z_loss)
+  run, lowered = lower(config, devices)
+  state, mesh = run.abstract_state, run.mesh
   model_flops = (flops.train_flops_per_token(state.params, config.model) * config.batch_size
                  * config.model.block_size / len(devices))
   plan = functools.partial(Plan, topology=topology, device_kind=devices[0].device_kind,
@@ -126,17 +116,15 @@ def compile_plan(config, topology: str, changes: dict | None = None) -> Plan:
                            hbm_bytes=chip.hbm_bytes if chip else 0,
                            model_flops_per_device=model_flops,
                            scanned=config.model.scan_layers)
-  with sharding.activate(mesh, rules):
-    lowered = step.lower(state, batch, rng)
-    try:
-      compiled = lowered.compile()
-    except jax.errors.JaxRuntimeError as e:
-      if "RESOURCE_EXHAUSTED" not in str(e):
-        raise
-      # The TPU compiler refuses programs that exceed HBM; its message says by how much.
-      return plan(argument_bytes=0, output_bytes=0, alias_bytes=0, temp_bytes=0,
-                  flops_per_device=float("nan"), collectives={},
-                  out_of_memory=str(e).split("RESOURCE_EXHAUSTED:")[-1].strip().splitlines()[0])
+  try:
+    compiled = lowered.compile()
+  except jax.errors.JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    # The TPU compiler refuses programs that exceed HBM; its message says by how much.
+    return plan(argument_bytes=0, output_bytes=0, alias_bytes=0, temp_bytes=0,
+                flops_per_device=float("nan"), collectives={},
+                out_of_memory=str(e).split("RESOURCE_EXHAUSTED:")[-1].strip().splitlines()[0])
   memory = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost

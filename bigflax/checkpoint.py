@@ -94,22 +94,20 @@ def config_differences(stored: dict, current: dict) -> list[str]:
           if stored.get(key) != current.get(key)]
 
 
-def state_item(trainer) -> dict:
-  """What a checkpoint stores of the train state; the dropout key as raw data (typed keys are not
-  an array dtype Orbax writes), replicated so every host holds it."""
-  s = trainer.state
-  rng = jax.device_put(jax.random.key_data(trainer.dropout_rng),
-                       sharding.replicated(trainer.mesh))
-  return {"params": s.params, "opt_state": s.opt_state, "step": s.step, "rng": rng}
+def state_item(state, rng, mesh) -> dict:
+  """What a checkpoint stores of a train state and its dropout key; the key as raw data (typed
+  keys are not an array dtype Orbax writes), replicated so every host holds it."""
+  rng = jax.device_put(jax.random.key_data(rng), sharding.replicated(mesh))
+  return {"params": state.params, "opt_state": state.opt_state, "step": state.step, "rng": rng}
 
 
-def abstract_state_item(trainer) -> dict:
-  """`state_item`'s shapes and dtypes in the trainer's own shardings: the restore target."""
-  shardings = trainer.state_shardings
-  targets = {"params": shardings.params, "opt_state": shardings.opt_state,
-             "step": shardings.step, "rng": sharding.replicated(trainer.mesh)}
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      jax.eval_shape(lambda: state_item(trainer)), targets)
+def abstract_state_item(abstract_state, mesh) -> dict:
+  """`state_item`'s shapes and dtypes in the run's own shardings: the restore target."""
+  rng = jax.ShapeDtypeStruct(jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))).shape,
+                             jnp.uint32,
+                             sharding=sharding.replicated(mesh))
+  return {"params": abstract_state.params, "opt_state": abstract_state.opt_state,
+          "step": abstract_state.step, "rng": rng}
 
 
 @jax.jit
@@ -162,21 +160,22 @@ class Checkpointer:
     distributed preemption service; always False without it)."""
     return self._manager.reached_preemption(step)
 
-  def save(self, trainer, step: int) -> None:
-    """Starts writing checkpoint `step` of `trainer` (state, data position, config), whether or
-    not `should_save`; returns once the arrays are copied off the devices, so the next step may
-    overwrite them. Refuses a non-finite state: it would poison every later resume."""
-    item = state_item(trainer)
+  def save(self, step: int, item: dict, data_state: dict, config: dict) -> None:
+    """Starts writing checkpoint `step`: the state item (`state_item`), the data position and
+    the config, whether or not `should_save`; returns once the arrays are copied off the devices,
+    so the next step may overwrite them. Refuses a non-finite state: it would poison every later
+    resume."""
     if not bool(_all_finite(item)):
       raise NonFiniteError(f"the train state at step {step} holds NaN or Inf values, so it was "
                            "not checkpointed; " + NonFiniteError.FIX)
     self._manager.save(step, force=True, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(item), data=ocp.args.JsonSave(trainer.data_state()),
-        config=ocp.args.JsonSave(trainer.config.to_dict())))
+        state=ocp.args.StandardSave(item), data=ocp.args.JsonSave(data_state),
+        config=ocp.args.JsonSave(config)))
 
-  def restore(self, trainer, step: int) -> None:
-    """Loads checkpoint `step` into `trainer`: the state straight into the trainer's shardings,
-    the dropout key and the data position, after checking that config and shapes match."""
+  def restore(self, step: int, target: dict, config: dict) -> tuple[dict, dict]:
+    """(state item, data position) of checkpoint `step`, the arrays restored straight into the
+    shardings of `target` (`abstract_state_item`), after checking that the checkpoint's config
+    agrees with `config` on what it fixes and its arrays have the target's shapes."""
     where = self.step_dir(step)
     try:
       stored_config = self._manager.restore(
@@ -184,25 +183,19 @@ class Checkpointer:
       stored_tree = self._manager.item_metadata(step)["state"].tree
     except Exception as e:  # noqa: BLE001 - any unreadable file is reported the same way
       raise self._unreadable(step, e) from e
-    differences = config_differences(stored_config, trainer.config.to_dict())
+    differences = config_differences(stored_config, config)
     if differences:
       raise CheckpointError(
           f"{where} was written with a different config; these fields must match to resume:"
           f"{_listed(differences)}\nrun with the checkpoint's values (see "
           f"{self.directory.parent / 'config.json'}), or pick a new --workdir to start over")
-    target = abstract_state_item(trainer)
     check_shapes(stored_tree, target, where)
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
     except Exception as e:  # noqa: BLE001
       raise self._unreadable(step, e) from e
-    state = restored["state"]
-    trainer.state = trainer.state.replace(params=state["params"], opt_state=state["opt_state"],
-                                          step=state["step"])
-    trainer.dropout_rng = jax.random.wrap_key_data(
-        state["rng"], impl=jax.random.key_impl(trainer.dropout_rng))
-    trainer.set_data_state(restored["data"])
+    return restored["state"], restored["data"]
 
   def _unreadable(self, step: int, error: Exception) -> CheckpointError:
     older = [s for s in self._manager.all_steps() if s < step]

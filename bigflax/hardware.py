@@ -2,9 +2,6 @@
 
 import dataclasses
 import functools
-import glob
-import importlib.util
-import os
 import time
 
 import jax
@@ -65,21 +62,3 @@ def peak_flops(dtype=jnp.float32) -> tuple[float, str]:
     return chip.peak_bf16_flops * len(devices), f"{devices[0].device_kind} datasheet"
   # A CPU's devices share its cores: the measured ceiling is for all of them together.
   return measure_matmul_flops(dtype), f"measured {jnp.dtype(dtype).name} XLA matmul ceiling"
-
-
-def skip_absent_tpu() -> None:
-  """Keep JAX from probing for TPUs on a machine that has none.
-
-  libtpu (installed for `bigflax aot`) makes every JAX start look for TPU chips, printing errors
-  and querying a metadata server when there are none. With no TPU device node present and no
-  JAX_PLATFORMS chosen by the user, JAX is pointed at the GPU (if its plugin is installed) and
-  the CPU. Must run before JAX initialises a backend."""
-  if ("JAX_PLATFORMS" in os.environ or jax.config.jax_platforms
-      or importlib.util.find_spec("libtpu") is None
-      or glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*")):
-    return
-  gpu = any(importlib.util.find_spec(name) for name in ("jax_cuda12_plugin", "jax_cuda13_plugin"))
-  # JAX read the environment when it was imported: the config is what it consults now. The
-  # environment variable is for child processes.
-  os.environ["JAX_PLATFORMS"] = "cuda,cpu" if gpu else "cpu"
-  jax.config.update("jax_platforms", os.environ["JAX_PLATFORMS"])

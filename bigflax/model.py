@@ -6,210 +6,22 @@ mesh, so the same module runs on one CPU or a pod slice.
 
 Logical axes: batch, length, embed, heads, kv_heads, head_dim, mlp, vocab, layers.
 
-Options (each a registry below, chosen by name in `config.model`):
-  norm       layernorm (GPT) | rmsnorm (Llama)
-  positions  learned (GPT) | rope (Llama; rotary, `rope_theta`)
-  mlp        gelu (exact) | gelu_tanh (GPT-2's "gelu_new") | swiglu (Llama)
-  remat      none | full | save_dots | save_dots_no_batch  (jax.checkpoint policies)
-num_kv_heads < num_heads gives grouped-query (or, at 1, multi-query) attention; scan_layers stacks
-the blocks' params on a leading `layers` axis and runs them with one nn.scan, so compile time does
-not grow with depth.
+The fields are `ModelConfig`'s (bigflax/config.py); the options are registries at the end of this
+file, chosen by name: norm (NORMS), positions (POSITIONS), mlp (MLPS), remat (REMAT_POLICIES),
+dtype (DTYPES). num_kv_heads < num_heads gives grouped-query attention; scan_layers runs the blocks
+with one nn.scan over params stacked on a leading `layers` axis, so compile time does not grow
+with depth.
 """
 
-import dataclasses
 import functools
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-  vocab_size: int
-  block_size: int  # longest sequence, and the length of the decoding cache
-  num_layers: int
-  num_heads: int
-  embed_dim: int
-  mlp_dim: int
-  num_kv_heads: int = 0  # 0 = num_heads (multi-head attention)
-  dropout: float = 0.0
-  use_bias: bool = True
-  tie_embeddings: bool = True
-  norm: str = "layernorm"
-  norm_eps: float = 1e-5
-  positions: str = "learned"
-  rope_theta: float = 10000.0
-  mlp: str = "gelu_tanh"
-  scan_layers: bool = False
-  remat: str = "none"
-  attention_chunk: int = 0  # queries per causal attention chunk; 0 = all at once
-  dtype: str = "float32"  # compute dtype of activations and matmuls
-  param_dtype: str = "float32"
-
-  @property
-  def head_dim(self) -> int:
-    return self.embed_dim // self.num_heads
-
-  @property
-  def kv_heads(self) -> int:
-    return self.num_kv_heads or self.num_heads
-
-  @classmethod
-  def from_config(cls, model_config) -> "ModelConfig":
-    """From `config.model` (where mlp_dim=0 means 4 × embed_dim)."""
-    fields = {f.name: model_config[f.name] for f in dataclasses.fields(cls)}
-    fields["mlp_dim"] = fields["mlp_dim"] or 4 * fields["embed_dim"]
-    return cls(**fields)
-
-
-def abstract_params(model: nn.Module, length: int):
-  """Shapes, dtypes and logical partitioning of the params, without allocating them."""
-  tokens = jnp.zeros((1, length), jnp.int32)
-  return jax.eval_shape(model.init, jax.random.key(0), tokens)["params"]
-
-
-def _init(stddev, axes):
-  return nn.with_logical_partitioning(nn.initializers.normal(stddev), axes)
-
-
-def _zeros(axes):
-  return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
-
-
-def _ones(axes):
-  return nn.with_logical_partitioning(nn.initializers.ones_init(), axes)
-
-
-def _layer_norm(cfg: ModelConfig, name: str) -> nn.Module:
-  return nn.LayerNorm(epsilon=cfg.norm_eps, use_bias=cfg.use_bias, dtype=DTYPES[cfg.dtype],
-                      param_dtype=DTYPES[cfg.param_dtype], scale_init=_ones(("embed",)),
-                      bias_init=_zeros(("embed",)), name=name)
-
-
-def _rms_norm(cfg: ModelConfig, name: str) -> nn.Module:
-  return nn.RMSNorm(epsilon=cfg.norm_eps, dtype=DTYPES[cfg.dtype],
-                    param_dtype=DTYPES[cfg.param_dtype], scale_init=_ones(("embed",)), name=name)
-
-
-NORMS = {"layernorm": _layer_norm, "rmsnorm": _rms_norm}
-
-# name → (activation, gated). A gated MLP computes act(gate(x)) * up(x) (SwiGLU, Shazeer 2020).
-MLPS = {
-    "gelu": (functools.partial(nn.gelu, approximate=False), False),
-    "gelu_tanh": (functools.partial(nn.gelu, approximate=True), False),
-    "swiglu": (nn.silu, True),
-}
-
-# How much of a block's forward pass the backward pass keeps instead of recomputing.
-REMAT_POLICIES = {
-    "none": None,  # keep every activation: no nn.remat at all
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "save_dots": jax.checkpoint_policies.dots_saveable,
-    "save_dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
-
-POSITIONS = ("learned", "rope")
-
-
-def rotary(x, positions, theta: float):
-  """Rotary position embedding of x [batch, length, heads, head_dim] at positions [batch, length].
-
-  Uses the "rotate half" layout of GPT-NeoX and Hugging Face Llama: dimension i is paired with
-  i + head_dim/2, so HF checkpoints load without permuting their q/k weights."""
-  half = x.shape[-1] // 2
-  inv_freq = 1.0 / theta ** (jnp.arange(half, dtype=jnp.float32) * 2 / x.shape[-1])
-  angles = positions[..., None].astype(jnp.float32) * inv_freq  # [batch, length, half]
-  cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
-  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
-
-
-def _matmul(equation: str, x, kernel, dtype):
-  """x [batch, length, ...] times a kernel, by an einsum whose operands both start with "bl".
-
-  The result is f32 whatever the compute dtype: accurate accumulation, and on CPUs with bf16 units
-  bf16 inputs with an f32 result are XLA's fast path (tools/bench.py measures both ceilings).
-  Batch and length are merged into one token axis first: the weight gradient then contracts over
-  a single major axis, which XLA:CPU feeds to its GEMM without the strided 3-D transposes it
-  otherwise inserts (1.9× faster on the baby GPT's MLP here; the reshape itself is free)."""
-  inputs, out = equation.split("->")
-  x_axes, kernel_axes = inputs.split(",")
-  assert x_axes[:2] == out[:2] == "bl", equation
-  y = jnp.einsum(f"t{x_axes[2:]},{kernel_axes}->t{out[2:]}",
-                 x.reshape(-1, *x.shape[2:]).astype(dtype), kernel.astype(dtype),
-                 preferred_element_type=jnp.float32)
-  return y.reshape(*x.shape[:2], *y.shape[1:])
-
-
-class Einsum(nn.Module):
-  """A linear map written as an einsum, so the kernel keeps its per-head shape (and logical axes)
-  instead of being flattened to 2-D; the bias covers the output's trailing dimensions."""
-  equation: str
-  kernel_shape: tuple[int, ...]
-  kernel_axes: tuple[str, ...]
-  stddev: float
-  cfg: ModelConfig
-  use_bias: bool = True  # and cfg.use_bias
-  result_dtype: jnp.dtype | None = None  # None = the compute dtype
-
-  @nn.compact
-  def __call__(self, x):
-    dtype, param_dtype = DTYPES[self.cfg.dtype], DTYPES[self.cfg.param_dtype]
-    result_dtype = self.result_dtype or dtype
-    kernel = self.param("kernel", _init(self.stddev, self.kernel_axes), self.kernel_shape,
-                        param_dtype)
-    y = _matmul(self.equation, x, kernel, dtype).astype(result_dtype)
-    if self.use_bias and self.cfg.use_bias:
-      out_rank = len(self.equation.split("->")[1]) - 2  # all but batch and length
-      y += self.param("bias", _zeros(self.kernel_axes[-out_rank:]),
-                      self.kernel_shape[-out_rank:], param_dtype).astype(result_dtype)
-    return y
-
-
-class Dropout(nn.Module):
-  """Inverted dropout with a keep-mask of random bytes, four cut from each 32-bit random word.
-
-  jax.random spends a whole threefry word per element; attention-weight masks are the largest
-  random draws in a step, and bytes make them ~3× cheaper on a CPU. The rate is rounded to a
-  multiple of 1/256 and kept values are scaled by exactly that keep probability, so expectations
-  are unchanged. Draws only along the last axis are packed, so sharded batch dims stay put."""
-  rate: float
-
-  @nn.compact
-  def __call__(self, x, *, deterministic: bool):
-    if deterministic or self.rate == 0:
-      return x
-    threshold = min(max(round((1 - self.rate) * 256), 1), 256)
-    words = jax.random.bits(self.make_rng("dropout"), (*x.shape[:-1], -(-x.shape[-1] // 4)),
-                            jnp.uint32)
-    random_bytes = jax.lax.bitcast_convert_type(words, jnp.uint8)  # [..., words, 4]
-    random_bytes = random_bytes.reshape(*x.shape[:-1], -1)[..., :x.shape[-1]]
-    keep = random_bytes.astype(jnp.int32) < threshold
-    return jnp.where(keep, x / (threshold / 256), 0).astype(x.dtype)
-
-
-def _residual_std(cfg: ModelConfig) -> float:
-  # GPT-2 init: N(0, 0.02), and the projections that write into the residual stream are scaled
-  # by 1/sqrt(2 * num_layers) so the residual variance does not grow with depth.
-  return 0.02 / (2 * cfg.num_layers) ** 0.5
-
-
-def _attend(q, k, v, mask, cfg: ModelConfig, deterministic: bool):
-  """softmax(QKᵀ/√d)V for q [b, q, kv_heads, group, d], k and v [b, s, kv_heads, d], mask [b, q, s].
-
-  Scores and softmax in f32 whatever the compute dtype: bf16 logits lose the small differences
-  that decide where attention goes."""
-  dtype = DTYPES[cfg.dtype]
-  scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32)
-  scores = scores / jnp.sqrt(cfg.head_dim).astype(jnp.float32)
-  scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-  weights = jax.nn.softmax(scores, axis=-1).astype(dtype)
-  weights = Dropout(cfg.dropout)(weights, deterministic=deterministic)
-  return jnp.einsum("bkgqs,bskd->bqkgd", weights, v.astype(dtype),
-                    preferred_element_type=jnp.float32).astype(dtype)
+from bigflax.config import ModelConfig
+from bigflax.errors import ConfigError
+from bigflax.layers import DTYPES, Dropout, Einsum, matmul, ones_init, param_init, zeros_init
 
 
 class CausalSelfAttention(nn.Module):
@@ -233,8 +45,7 @@ class CausalSelfAttention(nn.Module):
     q = project("query", cfg.num_heads, "heads")
     k = project("key", cfg.kv_heads, "kv_heads")
     v = project("value", cfg.kv_heads, "kv_heads")
-    if cfg.positions == "rope":
-      q, k = rotary(q, positions, cfg.rope_theta), rotary(k, positions, cfg.rope_theta)
+    q, k = POSITIONS[cfg.positions].rotate(q, k, positions, cfg)
 
     if self.decode:
       k, v = self._write_cache(k, v, positions)
@@ -272,6 +83,21 @@ class CausalSelfAttention(nn.Module):
       cache.value = cache.value.at[rows, positions].set(new)
       caches.append(cache.value)
     return caches
+
+
+def _attend(q, k, v, mask, cfg: ModelConfig, deterministic: bool):
+  """softmax(QKᵀ/√d)V for q [b, q, kv_heads, group, d], k and v [b, s, kv_heads, d], mask [b, q, s].
+
+  Scores and softmax in f32 whatever the compute dtype: bf16 logits lose the small differences
+  that decide where attention goes."""
+  dtype = DTYPES[cfg.dtype]
+  scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32)
+  scores = scores / jnp.sqrt(cfg.head_dim).astype(jnp.float32)
+  scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+  weights = jax.nn.softmax(scores, axis=-1).astype(dtype)
+  weights = Dropout(cfg.dropout)(weights, deterministic=deterministic)
+  return jnp.einsum("bkgqs,bskd->bqkgd", weights, v.astype(dtype),
+                    preferred_element_type=jnp.float32).astype(dtype)
 
 
 class MLP(nn.Module):
@@ -313,14 +139,6 @@ class Block(nn.Module):
     return nn.with_logical_constraint(x, ("batch", "length", "embed")), None
 
 
-def _block_class(cfg: ModelConfig):
-  if REMAT_POLICIES[cfg.remat] is None:
-    return Block
-  # Inside nn.scan the loop already stops XLA from merging recomputation with the forward pass;
-  # prevent_cse is only needed (and only costs) for unrolled layers.
-  return nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
-
-
 class Transformer(nn.Module):
   """tokens [batch, length] int32 → logits [batch, length, vocab] (f32: the loss's precision).
 
@@ -329,6 +147,10 @@ class Transformer(nn.Module):
   to earlier tokens with its own segment id. decode=True reads and writes the "cache" collection
   (see CausalSelfAttention); then positions say where each token goes."""
   cfg: ModelConfig
+
+  def __post_init__(self):
+    check_options(self.cfg)
+    super().__post_init__()
 
   @nn.compact
   def __call__(self, tokens, positions=None, segment_ids=None, *, deterministic: bool = True,
@@ -343,11 +165,9 @@ class Transformer(nn.Module):
     if segment_ids is None:
       segment_ids = jnp.ones_like(tokens)
     token_embed = nn.Embed(cfg.vocab_size, cfg.embed_dim, dtype=dtype, param_dtype=param_dtype,
-                           embedding_init=_init(0.02, ("vocab", "embed")), name="token_embed")
-    x = token_embed(tokens)
-    if cfg.positions == "learned":
-      x += nn.Embed(cfg.block_size, cfg.embed_dim, dtype=dtype, param_dtype=param_dtype,
-                    embedding_init=_init(0.02, (None, "embed")), name="position_embed")(positions)
+                           embedding_init=param_init(0.02, ("vocab", "embed")),
+                           name="token_embed")
+    x = POSITIONS[cfg.positions].embed(token_embed(tokens), positions, cfg)
     x = Dropout(cfg.dropout)(x, deterministic=deterministic)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
@@ -364,11 +184,117 @@ class Transformer(nn.Module):
 
     x = NORMS[cfg.norm](cfg, "norm_final")(x)
     if cfg.tie_embeddings:
-      logits = _matmul("ble,ve->blv", x, token_embed.embedding, dtype)
+      logits = matmul("ble,ve->blv", x, token_embed.embedding, dtype)
     else:
       logits = Einsum("ble,ev->blv", (cfg.embed_dim, cfg.vocab_size), ("embed", "vocab"), 0.02,
                       cfg, use_bias=False, result_dtype=jnp.float32, name="lm_head")(x)
     return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+
+
+def _residual_std(cfg: ModelConfig) -> float:
+  # GPT-2 init: N(0, 0.02), and the projections that write into the residual stream are scaled
+  # by 1/sqrt(2 * num_layers) so the residual variance does not grow with depth.
+  return 0.02 / (2 * cfg.num_layers) ** 0.5
+
+
+def _block_class(cfg: ModelConfig):
+  if REMAT_POLICIES[cfg.remat] is None:
+    return Block
+  # Inside nn.scan the loop already stops XLA from merging recomputation with the forward pass;
+  # prevent_cse is only needed (and only costs) for unrolled layers.
+  return nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+
+
+# ---- The options, by name ----------------------------------------------------------------------
+
+def _layer_norm(cfg: ModelConfig, name: str) -> nn.Module:
+  return nn.LayerNorm(epsilon=cfg.norm_eps, use_bias=cfg.use_bias, dtype=DTYPES[cfg.dtype],
+                      param_dtype=DTYPES[cfg.param_dtype], scale_init=ones_init(("embed",)),
+                      bias_init=zeros_init(("embed",)), name=name)
+
+
+def _rms_norm(cfg: ModelConfig, name: str) -> nn.Module:
+  return nn.RMSNorm(epsilon=cfg.norm_eps, dtype=DTYPES[cfg.dtype],
+                    param_dtype=DTYPES[cfg.param_dtype], scale_init=ones_init(("embed",)),
+                    name=name)
+
+
+NORMS = {"layernorm": _layer_norm, "rmsnorm": _rms_norm}
+
+# name → (activation, gated). A gated MLP computes act(gate(x)) * up(x) (SwiGLU, Shazeer 2020).
+MLPS = {
+    "gelu": (functools.partial(nn.gelu, approximate=False), False),
+    "gelu_tanh": (functools.partial(nn.gelu, approximate=True), False),
+    "swiglu": (nn.silu, True),
+}
+
+# How much of a block's forward pass the backward pass keeps instead of recomputing.
+REMAT_POLICIES = {
+    "none": None,  # keep every activation: no nn.remat at all
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_dots": jax.checkpoint_policies.dots_saveable,
+    "save_dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def rotary(x, positions, theta: float):
+  """Rotary position embedding of x [batch, length, heads, head_dim] at positions [batch, length].
+
+  Uses the "rotate half" layout of GPT-NeoX and Hugging Face Llama: dimension i is paired with
+  i + head_dim/2, so HF checkpoints load without permuting their q/k weights."""
+  half = x.shape[-1] // 2
+  inv_freq = 1.0 / theta ** (jnp.arange(half, dtype=jnp.float32) * 2 / x.shape[-1])
+  angles = positions[..., None].astype(jnp.float32) * inv_freq  # [batch, length, half]
+  cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+class LearnedPositions:
+  """GPT: a table of block_size position vectors added to the token embeddings."""
+
+  @staticmethod
+  def embed(x, positions, cfg: ModelConfig):
+    table = nn.Embed(cfg.block_size, cfg.embed_dim, dtype=DTYPES[cfg.dtype],
+                     param_dtype=DTYPES[cfg.param_dtype],
+                     embedding_init=param_init(0.02, (None, "embed")), name="position_embed")
+    return x + table(positions)
+
+  @staticmethod
+  def rotate(q, k, positions, cfg: ModelConfig):
+    del positions, cfg
+    return q, k
+
+
+class RotaryPositions:
+  """Llama (RoFormer): queries and keys rotated by their position, `rope_theta` the base."""
+
+  @staticmethod
+  def embed(x, positions, cfg: ModelConfig):
+    del positions, cfg
+    return x
+
+  @staticmethod
+  def rotate(q, k, positions, cfg: ModelConfig):
+    return rotary(q, positions, cfg.rope_theta), rotary(k, positions, cfg.rope_theta)
+
+
+POSITIONS = {"learned": LearnedPositions, "rope": RotaryPositions}
+
+
+def check_options(cfg: ModelConfig) -> None:
+  """Each option of `cfg` names an entry of its registry; ConfigError naming the field if not."""
+  for field, registry in (("norm", NORMS), ("positions", POSITIONS), ("mlp", MLPS),
+                          ("remat", REMAT_POLICIES), ("dtype", DTYPES), ("param_dtype", DTYPES)):
+    if getattr(cfg, field) not in registry:
+      raise ConfigError(f"config.model.{field}={getattr(cfg, field)!r} is unknown; choose one "
+                        f"of {sorted(registry)}")
+
+
+def abstract_params(model: nn.Module, length: int):
+  """Shapes, dtypes and logical partitioning of the params, without allocating them."""
+  tokens = jnp.zeros((1, length), jnp.int32)
+  return jax.eval_shape(model.init, jax.random.key(0), tokens)["params"]
 
 
 def stack_layers(tree, num_layers: int):

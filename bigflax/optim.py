@@ -3,6 +3,8 @@
 import jax
 import optax
 
+from bigflax.errors import ConfigError
+
 
 def _cosine(c, steps):
   return optax.warmup_cosine_decay_schedule(
@@ -66,3 +68,29 @@ def make_optimizer(c, steps: int) -> optax.GradientTransformation:
     transforms.append(optax.clip_by_global_norm(c.clip_norm))
   transforms.append(OPTIMIZERS[c.name](c, learning_rate_schedule(c, steps)))
   return optax.chain(*transforms)
+
+
+def check_config(c) -> None:
+  """Raises ConfigError naming the first field of `config.optimizer` that cannot work."""
+  def need(ok, message):
+    if not ok:
+      raise ConfigError(message)
+  need(c.name in OPTIMIZERS, f"config.optimizer.name={c.name!r} is unknown; choose one of "
+       f"{sorted(OPTIMIZERS)}")
+  need(c.schedule in SCHEDULES, f"config.optimizer.schedule={c.schedule!r} is unknown; choose "
+       f"one of {sorted(SCHEDULES)}")
+  need(c.learning_rate > 0, "config.optimizer.learning_rate must be positive")
+  need(c.warmup_steps >= 0, "config.optimizer.warmup_steps must be >= 0")
+  need(c.clip_norm >= 0, "config.optimizer.clip_norm must be >= 0 (0 = off)")
+  need(0 <= c.b1 < 1 and 0 <= c.b2 < 1 and c.eps >= 0,
+       "config.optimizer: need 0 <= b1 < 1, 0 <= b2 < 1 and eps >= 0")
+
+
+def check_schedule(c, steps: int) -> None:
+  """The cosine schedule must decay over more steps than it warms up."""
+  horizon = c.decay_steps or steps
+  if c.schedule == "cosine" and horizon <= c.warmup_steps:
+    raise ConfigError(
+        f"the cosine schedule decays over {horizon} steps (config.optimizer.decay_steps, or "
+        f"config.steps when 0), which must exceed config.optimizer.warmup_steps="
+        f"{c.warmup_steps}; lower the warmup or lengthen the decay")

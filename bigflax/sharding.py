@@ -21,21 +21,6 @@ from bigflax.errors import ShardingError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
-# A logical name may map to several mesh axes; within one array a mesh axis is used at most once,
-# by the first dimension that claims it (so activations [batch, length, embed] put fsdp on batch
-# while parameters [embed, mlp] put it on embed).
-DEFAULT_RULES = (
-    ("batch", ("data", "fsdp")),
-    ("length", None),
-    ("embed", "fsdp"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("head_dim", None),
-    ("mlp", "tensor"),
-    ("vocab", "tensor"),
-    ("layers", None),
-)
-
 
 def mesh_shape(mesh_config, num_devices: int) -> tuple[int, ...]:
   sizes = [mesh_config[axis] for axis in MESH_AXES]

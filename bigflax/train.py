@@ -1,178 +1,51 @@
-"""The training core: train state, the jitted train and eval steps, and the loop that runs them."""
+"""The training loop: a Trainer (data + the run's jitted steps + the state) and `train`, which
+resumes, steps, logs, evaluates, checkpoints and finishes."""
 
-import functools
+import dataclasses
 import pathlib
 import time
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 import tqdm
-from flax.training import train_state
 
-from bigflax import checkpoint, data, decode, flops, hardware, optim, sharding
-from bigflax.config import profile_steps, validate
+from bigflax import checkpoint, data, decode, flops, hardware, rundir, run as run_lib, sharding
+from bigflax.config import profile_steps
 from bigflax.errors import NonFiniteError
-from bigflax import rundir
-from bigflax.rundir import MetricsWriter
-from bigflax.model import DTYPES, ModelConfig, Transformer
-from bigflax.objective import next_token_loss
-
-TrainState = train_state.TrainState
-
-
-def _state_initializer(model: nn.Module, tx: optax.GradientTransformation, block_size: int):
-  """rng → TrainState whose params carry their logical axis names (boxed)."""
-  tokens = jnp.zeros((1, block_size), jnp.int32)
-
-  def init(rng):
-    params = model.init(rng, tokens)["params"]
-    return TrainState.create(apply_fn=model.apply, params=params, tx=tx)
-  return init
-
-
-def abstract_train_state(model: nn.Module, tx: optax.GradientTransformation, block_size: int,
-                         mesh, rules) -> tuple[TrainState, TrainState]:
-  """(shapes and dtypes of the state as ShapeDtypeStructs carrying their shardings, the
-  shardings). Optimizer-state shardings follow the params they belong to. Nothing is allocated:
-  this is what ahead-of-time compilation for a pod needs."""
-  init = _state_initializer(model, tx, block_size)
-  boxed_state = jax.eval_shape(init, jax.random.key(0))
-  shardings = sharding.logical_shardings(nn.get_partition_spec(boxed_state), mesh, rules)
-  sharding.check_divisible(nn.unbox(boxed_state.params), shardings.params, mesh, "parameter")
-  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          nn.unbox(boxed_state), shardings)
-  return abstract, shardings
-
-
-def create_train_state(model: nn.Module, tx: optax.GradientTransformation, rng, block_size: int,
-                       mesh, rules) -> tuple[TrainState, TrainState]:
-  """The state, created directly in its shardings (never whole on one device), and those
-  shardings."""
-  _, shardings = abstract_train_state(model, tx, block_size, mesh, rules)
-  init = _state_initializer(model, tx, block_size)
-  with sharding.activate(mesh, rules):
-    state = jax.jit(lambda rng: nn.unbox(init(rng)), out_shardings=shardings)(rng)
-  return state, shardings
-
-
-def jit_train_step(state_shardings, batch_sharding, *, grad_accum_steps: int, schedule,
-                   z_loss: float = 0.0):
-  """train_step compiled with explicit in/out shardings; the old state's buffers are donated."""
-  replicated = sharding.replicated(batch_sharding.mesh)
-  return jax.jit(
-      functools.partial(train_step, grad_accum_steps=grad_accum_steps, schedule=schedule,
-                        z_loss=z_loss),
-      in_shardings=(state_shardings, batch_sharding, replicated),
-      out_shardings=(state_shardings, replicated), donate_argnums=(0,))
-
-
-def _microbatch_grads(state: TrainState, batch, rng, z_loss: float):
-  """Summed (not averaged) next-token NLL and its gradient over one (micro)batch."""
-  def summed_loss(params):
-    logits = state.apply_fn({"params": params}, batch["inputs"], batch.get("positions"),
-                            batch.get("segment_ids"), deterministic=False, rngs={"dropout": rng})
-    loss, metrics = next_token_loss(logits, batch["targets"], batch["loss_mask"], z_loss)
-    return loss * metrics["num_tokens"], metrics
-  (_, metrics), grads = jax.value_and_grad(summed_loss, has_aux=True)(state.params)
-  return grads, metrics
-
-
-def train_step(state: TrainState, batch, rng, *, grad_accum_steps: int, schedule,
-               z_loss: float = 0.0):
-  """One optimizer update on the mean next-token loss of `batch`.
-
-  With grad_accum_steps=k the batch is cut into k microbatches run one after another (lax.scan);
-  their summed gradients are divided by the total number of real tokens, so the update equals the
-  one a single batch of all rows would give, at 1/k of the activation memory."""
-  rng = jax.random.fold_in(rng, state.step)  # dropout differs per step, and resumes identically
-  if grad_accum_steps == 1:
-    grads, metrics = _microbatch_grads(state, batch, rng, z_loss)
-    loss_sum, num_tokens = metrics["loss"] * metrics["num_tokens"], metrics["num_tokens"]
-    correct = metrics["accuracy"] * num_tokens
-  else:
-    micro = jax.tree.map(
-        lambda x: x.reshape(grad_accum_steps, x.shape[0] // grad_accum_steps, *x.shape[1:]),
-        batch)
-
-    def accumulate(carry, inputs):
-      i, microbatch = inputs
-      grads, metrics = _microbatch_grads(state, microbatch, jax.random.fold_in(rng, i), z_loss)
-      g, loss_sum, correct, n = carry
-      n_i = metrics["num_tokens"]
-      return (jax.tree.map(jnp.add, g, grads), loss_sum + metrics["loss"] * n_i,
-              correct + metrics["accuracy"] * n_i, n + n_i), None
-
-    zeros = jax.tree.map(jnp.zeros_like, state.params)
-    (grads, loss_sum, correct, num_tokens), _ = jax.lax.scan(
-        accumulate, (zeros, 0.0, 0.0, 0.0), (jnp.arange(grad_accum_steps), micro))
-  denominator = jnp.maximum(num_tokens, 1.0)
-  grads = jax.tree.map(lambda g: g / denominator, grads)
-  metrics = {"loss": loss_sum / denominator, "accuracy": correct / denominator,
-             "grad_norm": optax.tree.norm(grads), "learning_rate": schedule(state.step)}
-  state = state.apply_gradients(grads=grads)
-  if isinstance(state.opt_state, optax.ApplyIfFiniteState):  # config.skip_nonfinite
-    metrics["skipped_updates"] = state.opt_state.total_notfinite
-  return state, metrics
-
-
-def eval_step(state: TrainState, batch):
-  """Summed NLL and token count, so eval loss over many batches is an exact token mean."""
-  logits = state.apply_fn({"params": state.params}, batch["inputs"], batch.get("positions"),
-                          batch.get("segment_ids"))
-  loss, metrics = next_token_loss(logits, batch["targets"], batch["loss_mask"])
-  return {"loss_sum": loss * metrics["num_tokens"], "num_tokens": metrics["num_tokens"]}
+from bigflax.layers import DTYPES
 
 
 class Trainer:
-  """Everything one run needs, built from a validated config: mesh, data, model, jitted steps."""
+  """One run's data, compiled steps and state, built from a config (which it does not modify:
+  `self.config` is the resolved copy, with what the data decided filled in)."""
 
   def __init__(self, config, corpus: data.Corpus | None = None, devices=None):
-    validate(config)
-    self.config = config
+    run_lib.check(config)
     self.corpus = corpus or data.load_corpus(config.data, config.model.block_size)
-    self._data = {}
-    # The config records what the data decided, so config.json alone rebuilds model and tokenizer.
-    with config.unlocked():
-      config.data.charset = getattr(self.corpus.tokenizer, "charset", "")
-      config.model.vocab_size = (config.model.vocab_size
-                                 or data.padded_vocab_size(self.corpus.tokenizer.vocab_size))
+    self.config = run_lib.resolve(config, self.corpus.tokenizer)
     # Fail now, not after training, if the closing sample cannot be encoded.
     self.corpus.tokenizer.encode(config.sample.prompt, "config.sample.prompt")
-    self.mesh = sharding.make_mesh(config.mesh, devices)
-    self.rules = sharding.rules_of(config.mesh)
-    self.model = Transformer(ModelConfig.from_config(config.model))
-    self.schedule = optim.learning_rate_schedule(config.optimizer, config.steps)
-    tx = optim.make_optimizer(config.optimizer, config.steps)
-    if config.skip_nonfinite:  # a NaN/Inf gradient leaves params and optimizer state as they were
-      tx = optax.apply_if_finite(tx, max_consecutive_errors=np.iinfo(np.int32).max)
-    self.batch_sharding = sharding.batch_sharding(self.mesh, self.rules)
-    sharding.check_batch_size(config, self.batch_sharding)
-    rng = jax.random.key(config.seed)
-    self.state, self.state_shardings = create_train_state(
-        self.model, tx, rng, config.model.block_size, self.mesh, self.rules)
+    self.run = run_lib.build(self.config, devices)
+    rng = jax.random.key(self.config.seed)
+    self.state = self.run.init_state(rng)
     self.dropout_rng = jax.random.fold_in(rng, 1)
-    replicated = sharding.replicated(self.mesh)
-    self._train_step = jit_train_step(self.state_shardings, self.batch_sharding,
-                                      grad_accum_steps=config.grad_accum_steps,
-                                      schedule=self.schedule, z_loss=config.z_loss)
-    self._eval_step = jax.jit(eval_step, in_shardings=(self.state_shardings,
-                                                       self.batch_sharding),
-                              out_shardings=replicated)
+    self._data = {}
+
+  @property
+  def mesh(self):
+    return self.run.mesh
 
   def _batches(self, split: int, batch_size: int) -> data.Batches:
     """This process's rows of the global batches of `split`, built on first use."""
     key = (split, batch_size)
     if key not in self._data:
-      rows = sharding.process_rows(self.batch_sharding, batch_size)
+      rows = sharding.process_rows(self.run.batch_sharding, batch_size)
       self._data[key] = data.make_batches(self.corpus, self.config, split, batch_size, rows)
     return self._data[key]
 
-  def batch(self, split: int, index: int, batch_size: int):
-    local = self._batches(split, batch_size).batch(index)
-    return sharding.global_batch(local, self.batch_sharding)
+  def batch(self, split: int, index: int, batch_size: int | None = None):
+    local = self._batches(split, batch_size or self.config.batch_size).batch(index)
+    return sharding.global_batch(local, self.run.batch_sharding)
 
   def data_state(self) -> dict:
     """Where the train batches are (small, JSON-able): saved with a checkpoint, so a resumed run
@@ -182,28 +55,46 @@ class Trainer:
   def set_data_state(self, state: dict) -> None:
     self._batches(data.TRAIN, self.config.batch_size).set_state(state)
 
+  def state_item(self) -> dict:
+    """What a checkpoint stores: params, optimizer state, step and dropout key."""
+    return checkpoint.state_item(self.state, self.dropout_rng, self.run.mesh)
+
+  def save(self, checkpointer: checkpoint.Checkpointer, step: int) -> None:
+    checkpointer.save(step, self.state_item(), self.data_state(), self.config.to_dict())
+
+  def restore(self, checkpointer: checkpoint.Checkpointer, step: int) -> None:
+    """Checkpoint `step`'s state (straight into this run's shardings) and data position."""
+    item, data_state = checkpointer.restore(
+        step, checkpoint.abstract_state_item(self.run.abstract_state, self.run.mesh),
+        self.config.to_dict())
+    self.state = self.state.replace(params=item["params"], opt_state=item["opt_state"],
+                                    step=item["step"])
+    self.dropout_rng = jax.random.wrap_key_data(
+        item["rng"], impl=jax.random.key_impl(self.dropout_rng))
+    self.set_data_state(data_state)
+
   def step(self, index: int):
-    with sharding.activate(self.mesh, self.rules):
-      self.state, metrics = self._train_step(
-          self.state, self.batch(data.TRAIN, index, self.config.batch_size), self.dropout_rng)
+    with self.run.activate():
+      self.state, metrics = self.run.train_step(self.state, self.batch(data.TRAIN, index),
+                                                self.dropout_rng)
     return metrics
 
   def evaluate(self) -> dict[str, float]:
-    """Mean next-token loss over `eval_batches` fixed batches of val windows (same every time)."""
+    """Mean next-token loss and accuracy over `eval_batches` fixed batches of val rows (the same
+    every time)."""
     totals = []
-    with sharding.activate(self.mesh, self.rules):
+    with self.run.activate():
       for i in range(self.config.eval_batches):
-        totals.append(self._eval_step(self.state, self.batch(data.VAL, i,
-                                                             self.config.batch_size)))
-    loss_sum = sum(float(t["loss_sum"]) for t in totals)
-    num_tokens = sum(float(t["num_tokens"]) for t in totals)
-    eval_loss = loss_sum / num_tokens
-    return {"eval_loss": eval_loss, "eval_perplexity": float(np.exp(eval_loss))}
+        totals.append(self.run.eval_step(self.state, self.batch(data.VAL, i)))
+    totals = {k: sum(float(t[k]) for t in totals) for k in totals[0]}
+    eval_loss = totals["loss_sum"] / totals["num_tokens"]
+    return {"eval_loss": eval_loss, "eval_perplexity": float(np.exp(eval_loss)),
+            "eval_accuracy": totals["correct"] / totals["num_tokens"]}
 
   def sample(self, prompt: str, *, max_new_tokens: int, temperature: float, top_k: int,
              top_p: float, seed: int) -> str:
     return decode.sample_text(
-        self.model, self.state.params, self.corpus.tokenizer, prompt,
+        self.run.model, self.state.params, self.corpus.tokenizer, prompt,
         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
         seed=seed)
 
@@ -252,6 +143,76 @@ class Profiler:
       self.active = False
 
 
+class Throughput:
+  """Steps per second of training alone: timed from the end of the first step (compilation is
+  not training) and paused over evaluations."""
+
+  def __init__(self):
+    self._since = self._step = None
+
+  def started(self, step: int, metrics) -> None:
+    """Called after the run's first step: the clock starts once its work is done."""
+    jax.block_until_ready(metrics)
+    self._since, self._step = time.perf_counter(), step
+
+  def restart(self) -> None:
+    """Forget the time since the last mark (an evaluation ran), keeping the step count."""
+    if self._since is not None:
+      self._since = time.perf_counter()
+
+  def steps_per_sec(self, step: int) -> float | None:
+    """Since the last call (None before any step was timed); the caller has synced."""
+    if self._since is None or step == self._step:
+      return None
+    now = time.perf_counter()
+    rate = (step - self._step) / (now - self._since)
+    self._since, self._step = now, step
+    return rate
+
+
+@dataclasses.dataclass
+class _Loop:
+  """What the loop's periodic work needs besides the trainer."""
+  trainer: Trainer
+  checkpointer: checkpoint.Checkpointer
+  workdir: str
+  writer: rundir.MetricsWriter
+  progress: tqdm.tqdm
+  is_main: bool
+  guard: NumericsGuard
+  throughput: Throughput
+  flops_per_step: float
+  peak_flops: float
+  last_eval: dict = dataclasses.field(default_factory=dict)
+
+  def log(self, step: int, metrics) -> None:
+    metrics = jax.device_get(metrics)  # with the guard's check, the step loop's only host sync
+    record = {"step": step, **metrics}
+    steps_per_sec = self.throughput.steps_per_sec(step)
+    if steps_per_sec is not None:
+      tokens_per_step = self.trainer.config.batch_size * self.trainer.config.model.block_size
+      record["tokens_per_sec"] = tokens_per_step * steps_per_sec
+      record["mfu"] = self.flops_per_step * steps_per_sec / self.peak_flops
+      self.progress.set_postfix(loss=f"{metrics['loss']:.4f}",
+                                tok_s=f"{record['tokens_per_sec']:,.0f}")
+    else:
+      self.progress.set_postfix(loss=f"{metrics['loss']:.4f}")
+    self.writer.write(record)
+    self.guard.check()
+
+  def evaluate(self, step: int) -> None:
+    self.last_eval = self.trainer.evaluate()
+    self.writer.write({"step": step, **self.last_eval})
+    if self.is_main:
+      self.progress.write(f"step {step}: eval_loss {self.last_eval['eval_loss']:.4f} "
+                          f"(perplexity {self.last_eval['eval_perplexity']:.2f})")
+    self.throughput.restart()  # eval time is not training throughput
+
+  def save(self, step: int) -> None:
+    self.guard.check()
+    self.trainer.save(self.checkpointer, step)
+
+
 def train(config, workdir: str, *, print_fn=print, devices=None) -> dict:
   """Trains until `config.steps`, resuming from the latest checkpoint in `workdir` if there is one.
 
@@ -260,90 +221,98 @@ def train(config, workdir: str, *, print_fn=print, devices=None) -> dict:
   metrics.jsonl, TensorBoard events and the final params. Returns the last eval."""
   pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
   trainer = Trainer(config, devices=devices)
-  checkpointer = checkpoint.Checkpointer(workdir, config)
+  checkpointer = checkpoint.Checkpointer(workdir, trainer.config)
   try:
-    return _train_loop(trainer, checkpointer, workdir, print_fn)
+    start = _resume(trainer, checkpointer, workdir, print_fn)
+    loop = _start_loop(trainer, checkpointer, workdir, start)
+    stopped_at = _run_steps(loop, start)
+    return _finish(loop, stopped_at, print_fn)
   finally:
     checkpointer.close()  # a save still in flight completes, even when the loop raised
 
 
-def _train_loop(trainer: Trainer, checkpointer: checkpoint.Checkpointer, workdir: str,
-                print_fn) -> dict:
-  config, is_main = trainer.config, jax.process_index() == 0
+def _resume(trainer: Trainer, checkpointer: checkpoint.Checkpointer, workdir: str,
+            print_fn) -> int:
+  """Loads the latest checkpoint (if any), writes config.json, drops metrics past the checkpoint;
+  returns the step to start from."""
   latest = checkpointer.latest_step()
   if latest is not None:
-    checkpointer.restore(trainer, latest)
+    trainer.restore(checkpointer, latest)
   start = latest or 0
-  if is_main:
-    rundir.write_config(config, workdir)
+  if jax.process_index() == 0:
+    rundir.write_config(trainer.config, workdir)
     rundir.trim_metrics(workdir, start)
     num_params = sum(x.size for x in jax.tree.leaves(trainer.state.params))
     print_fn(f"data: {trainer.corpus.description}")
     print_fn(f"model: {num_params / 1e6:.2f}M params; mesh {dict(trainer.mesh.shape)} over "
              f"{trainer.mesh.size} {jax.devices()[0].platform} devices; workdir {workdir}")
     if latest is not None:
-      print_fn(f"resuming from step {start} of {config.steps} "
+      print_fn(f"resuming from step {start} of {trainer.config.steps} "
                f"(checkpoint {checkpointer.step_dir(latest)})")
-  writer = MetricsWriter(workdir, enabled=is_main, resumed_at=latest)
-  guard = NumericsGuard(enabled=not config.skip_nonfinite)
-  tokens_per_step = config.batch_size * config.model.block_size
+  return start
+
+
+def _start_loop(trainer: Trainer, checkpointer, workdir: str, start: int) -> _Loop:
+  config, is_main = trainer.config, jax.process_index() == 0
   # MFU = achieved model FLOP/s ÷ peak of all devices (the datasheet; on a CPU, measured now).
-  flops_per_step = tokens_per_step * flops.train_flops_per_token(trainer.state.params,
-                                                                 config.model)
+  flops_per_step = (config.batch_size * config.model.block_size
+                    * flops.train_flops_per_token(trainer.state.params, config.model))
   peak = hardware.peak_flops(DTYPES[config.model.dtype])[0] * jax.process_count()
-  profiler = Profiler(workdir, profile_steps(config))
-  progress = tqdm.tqdm(total=config.steps, initial=start, disable=not is_main, unit="step",
-                       dynamic_ncols=True)
-  last_eval, preempted = {}, False
-  last_time, last_step = time.perf_counter(), start
+  return _Loop(
+      trainer, checkpointer, workdir,
+      rundir.MetricsWriter(workdir, enabled=is_main, resumed_at=start or None),
+      tqdm.tqdm(total=config.steps, initial=start, disable=not is_main, unit="step",
+                dynamic_ncols=True),
+      is_main, NumericsGuard(enabled=not config.skip_nonfinite), Throughput(), flops_per_step,
+      peak)
+
+
+def _run_steps(loop: _Loop, start: int) -> int | None:
+  """Steps from `start` to config.steps with the periodic log, eval and checkpoint; returns the
+  step a stop signal (or the preemption service) ended the run at, or None when it completed."""
+  trainer, config = loop.trainer, loop.trainer.config
+  profiler = Profiler(loop.workdir, profile_steps(config))
   with checkpoint.stop_signals() as stop_requested:
     for index in range(start, config.steps):
-      profiler.before(index + 1)
-      metrics = trainer.step(index)
       step = index + 1
+      profiler.before(step)
+      metrics = trainer.step(index)
       profiler.after(step, metrics)
-      guard.add(step, metrics)
-      preempted = stop_requested() or checkpointer.reached_preemption(step)
+      loop.guard.add(step, metrics)
+      if index == start:
+        loop.throughput.started(step, metrics)
+      preempted = stop_requested() or loop.checkpointer.reached_preemption(step)
       final = step == config.steps
       if step % config.log_every == 0 or final:
-        metrics = jax.device_get(metrics)  # with the guard's check, the step loop's only host sync
-        now = time.perf_counter()
-        steps_per_sec = (step - last_step) / (now - last_time)
-        last_time, last_step = now, step
-        tokens_per_sec = tokens_per_step * steps_per_sec
-        writer.write({"step": step, **metrics, "tokens_per_sec": tokens_per_sec,
-                      "mfu": flops_per_step * steps_per_sec / peak})
-        progress.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{tokens_per_sec:,.0f}")
-        guard.check()
+        loop.log(step, metrics)
       if step % config.eval_every == 0 or final:
-        last_eval = trainer.evaluate()
-        writer.write({"step": step, **last_eval})
-        if is_main:
-          progress.write(f"step {step}: eval_loss {last_eval['eval_loss']:.4f} "
-                         f"(perplexity {last_eval['eval_perplexity']:.2f})")
-        last_time = time.perf_counter()  # eval time is not training throughput
-      if index == start:  # nor is compilation: throughput is timed from the first step's end
-        jax.block_until_ready(metrics)
-        last_time, last_step = time.perf_counter(), step
-      if preempted or final or checkpointer.should_save(step):
-        guard.check()
-        checkpointer.save(trainer, step)
-      progress.update(1)
+        loop.evaluate(step)
+      if preempted or final or loop.checkpointer.should_save(step):
+        loop.save(step)
+      loop.progress.update(1)
       if preempted:
-        break
-  progress.close()
+        profiler.stop()
+        return step
   profiler.stop()
-  writer.close()
-  if preempted:
-    checkpointer.wait()
-    if is_main:
-      print_fn(f"stopped by a preemption signal after step {step}; checkpoint "
-               f"{checkpointer.step_dir(step)} written; run the same command again to resume")
-    return last_eval
-  rundir.export_params(workdir, trainer.state.params)
-  s = config.sample  # every process samples (params may be sharded across hosts); one prints
+  return None
+
+
+def _finish(loop: _Loop, stopped_at: int | None, print_fn) -> dict:
+  """Closes the writers; a completed run exports its params and prints a sample."""
+  loop.progress.close()
+  loop.writer.close()
+  trainer = loop.trainer
+  if stopped_at is not None:
+    loop.checkpointer.wait()
+    if loop.is_main:
+      print_fn(f"stopped by a preemption signal after step {stopped_at}; checkpoint "
+               f"{loop.checkpointer.step_dir(stopped_at)} written; run the same command again "
+               "to resume")
+    return loop.last_eval
+  rundir.export_params(loop.workdir, trainer.state.params)
+  s = trainer.config.sample  # every process samples (params may be sharded across hosts); one prints
   text = trainer.sample(s.prompt, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
-                        top_k=s.top_k, top_p=s.top_p, seed=config.seed)
-  if is_main:
+                        top_k=s.top_k, top_p=s.top_p, seed=trainer.config.seed)
+  if loop.is_main:
     print_fn(f"\nsample ({s.prompt!r} →):\n{s.prompt}{text}")
-  return last_eval
+  return loop.last_eval

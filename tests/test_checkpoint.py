@@ -27,8 +27,8 @@ from bigflax import checkpoint, cli, train
 when, signum = sys.argv.pop(1), getattr(signal, sys.argv.pop(1))
 if when.startswith("kill:"):
   save = checkpoint.Checkpointer.save
-  def save_then_die(self, trainer, step, *args, **kwargs):
-    save(self, trainer, step, *args, **kwargs)
+  def save_then_die(self, step, *args, **kwargs):
+    save(self, step, *args, **kwargs)
     if step == int(when[5:]):
       os.kill(os.getpid(), signum)
   checkpoint.Checkpointer.save = save_then_die
@@ -148,7 +148,7 @@ def test_restore_onto_other_meshes_continues_the_run(tmp_path, corpus_file):
   for i in range(2):
     source.step(i)
   saver = checkpoint.Checkpointer(tmp_path, source.config)
-  saver.save(source, 2)
+  source.save(saver, 2)
   saver.close()
   expected = [float(source.step(i)["loss"]) for i in range(2, 4)]
 
@@ -156,10 +156,10 @@ def test_restore_onto_other_meshes_continues_the_run(tmp_path, corpus_file):
                         ({}, ONE_DEVICE)):
     target = train.Trainer(reshard_config(corpus_file, **mesh), devices=devices)
     restorer = checkpoint.Checkpointer(tmp_path, target.config)
-    restorer.restore(target, 2)
+    target.restore(restorer, 2)
     restorer.close()
     assert target.data_state()["step"] == 2
-    for array, want in zip(jax.tree.leaves(target.state), jax.tree.leaves(target.state_shardings)):
+    for array, want in zip(jax.tree.leaves(target.state), jax.tree.leaves(target.run.state_shardings)):
       assert array.sharding == want  # restored straight into the new layout
     got = [float(target.step(i)["loss"]) for i in range(2, 4)]
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
@@ -169,7 +169,7 @@ def poison_step(monkeypatch, at_index):
   """Batch `at_index` gets a NaN loss mask: its loss and gradient are NaN."""
   batch = train.Trainer.batch
 
-  def poisoned(self, split, index, batch_size):
+  def poisoned(self, split, index, batch_size=None):
     b = batch(self, split, index, batch_size)
     if split == data.TRAIN and index == at_index:
       b["loss_mask"] = b["loss_mask"] * np.nan
@@ -205,7 +205,7 @@ def test_a_nonfinite_state_is_never_checkpointed(tmp_path, corpus_file):
   trainer.state = trainer.state.replace(params=jax.tree.unflatten(tree, leaves))
   saver = checkpoint.Checkpointer(tmp_path, trainer.config)
   with pytest.raises(checkpoint.NonFiniteError, match="state at step 1 holds NaN or Inf"):
-    saver.save(trainer, 1)
+    trainer.save(saver, 1)
   saver.close()
   assert saver.latest_step() is None
 
@@ -254,7 +254,7 @@ def test_export_loads_through_the_python_api(run_copy):
   assert logits.shape == (1, 6, config.model.vocab_size)
   trainer = train.Trainer(run_config(corpus), devices=ONE_DEVICE)
   saver = checkpoint.Checkpointer(workdir, trainer.config)
-  saver.restore(trainer, 4)  # the export holds exactly the final checkpoint's params
+  trainer.restore(saver, 4)  # the export holds exactly the final checkpoint's params
   saver.close()
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(trainer.state.params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -278,7 +278,7 @@ def test_arrays_of_another_shape_are_listed(run_copy, tmp_path):
   workdir, corpus = run_copy
   other = train.Trainer(run_config(corpus, **{"model.embed_dim": 16}), devices=ONE_DEVICE)
   saver = checkpoint.Checkpointer(tmp_path / "other", other.config)
-  saver.save(other, 4)
+  other.save(saver, 4)
   saver.close()
   rundir.export_params(tmp_path / "other", other.state.params)
   for item in ("params", "checkpoints/4/state"):  # e.g. copied from the wrong run
@@ -305,7 +305,7 @@ def test_a_corrupted_checkpoint_is_named_and_an_older_one_offered(run_copy):
   trainer = train.Trainer(run_config(corpus, steps=6), devices=ONE_DEVICE)
   saver = checkpoint.Checkpointer(workdir, trainer.config)
   assert saver.latest_step() == 2
-  saver.restore(trainer, 2)
+  trainer.restore(saver, 2)
   assert trainer.data_state()["step"] == 2
   saver.close()
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from bigflax import sharding, train
+from bigflax.config import DEFAULT_RULES
 from bigflax.rundir import read_metrics
 from conftest import REPO, tiny_config
 
@@ -68,7 +69,7 @@ def test_every_mesh_reproduces_the_one_device_run(corpus, reference, shape):
 
 def test_fsdp_gives_each_device_an_eighth_of_every_sharded_param(corpus):
   trainer = make_trainer(corpus, MESHES["fsdp"])
-  state, shardings = trainer.state, trainer.state_shardings
+  state, shardings = trainer.state, trainer.run.state_shardings
   # Sharded from birth: every leaf already lives in the sharding derived from its logical axes.
   for leaf, expected in zip(jax.tree.leaves(state), jax.tree.leaves(shardings)):
     assert leaf.sharding.is_equivalent_to(expected, leaf.ndim)
@@ -112,7 +113,7 @@ def test_the_batch_is_split_over_data_and_fsdp(corpus):
   trainer = make_trainer(corpus, MESHES["mixed"])
   batch = trainer.batch(0, 0, 8)
   assert shard_shapes(batch["inputs"]) == {(2, 16)}  # 8 rows over data × fsdp = 4, length whole
-  assert sharding.process_rows(trainer.batch_sharding, 8) == slice(0, 8)  # one process: all
+  assert sharding.process_rows(trainer.run.batch_sharding, 8) == slice(0, 8)  # one process: all
 
 
 def test_gradient_accumulation_on_a_sharded_mesh_matches_one_big_batch(corpus):
@@ -141,9 +142,9 @@ def test_the_mesh_must_use_every_device(corpus):
      r"\d of size 4, not divisible by config.mesh.tensor = 8"),
     ({"batch_size": 4, "mesh.data": 8, "mesh.tensor": 1}, r"config.batch_size=4 must split into "
      r".* divisible by config.mesh.data × config.mesh.fsdp = 8"),
-    ({"mesh.rules": tuple(r for r in sharding.DEFAULT_RULES if r[0] != "mlp")},
+    ({"mesh.rules": tuple(r for r in DEFAULT_RULES if r[0] != "mlp")},
      r"logical axis 'mlp' has no rule; add \('mlp', <mesh axes or None>\) to config.mesh.rules"),
-    ({"mesh.rules": sharding.DEFAULT_RULES + (("heads", "model"),)},
+    ({"mesh.rules": DEFAULT_RULES + (("heads", "model"),)},
      r"config.mesh.rules maps 'heads' to 'model', which is not a mesh axis"),
 ])
 def test_what_cannot_split_names_the_config_field(corpus, overrides, message):

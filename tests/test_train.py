@@ -20,7 +20,7 @@ def fixed_batch(trainer, batch_size=8):
 def run_steps_on(trainer, batch, n):
   losses = []
   for _ in range(n):
-    trainer.state, metrics = trainer._train_step(trainer.state, batch, trainer.dropout_rng)
+    trainer.state, metrics = trainer.run.train_step(trainer.state, batch, trainer.dropout_rng)
     losses.append(float(metrics["loss"]))
   return losses
 
@@ -29,9 +29,9 @@ def test_one_step_on_a_fixed_batch_lowers_the_loss(corpus_file):
   trainer = make_trainer(corpus_file, **{"optimizer.warmup_steps": 0,
                                          "optimizer.schedule": "constant"})
   batch = fixed_batch(trainer)
-  before = float(trainer._eval_step(trainer.state, batch)["loss_sum"])
+  before = float(trainer.run.eval_step(trainer.state, batch)["loss_sum"])
   run_steps_on(trainer, batch, 1)
-  after = float(trainer._eval_step(trainer.state, batch)["loss_sum"])
+  after = float(trainer.run.eval_step(trainer.state, batch)["loss_sum"])
   assert after < before
 
 

@@ -26,8 +26,8 @@ import jax.numpy as jnp
 from absl import app, flags
 from ml_collections import config_flags
 
-from bigflax import config as config_lib, data, flops, hardware, sharding
-from bigflax.model import DTYPES
+from bigflax import config as config_lib, data, flops, hardware
+from bigflax.layers import DTYPES
 from bigflax.train import Trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", config_lib.__file__, lock_config=True)
@@ -52,8 +52,8 @@ class Run:
     trainer = Trainer(config)
     batch = trainer.batch(data.TRAIN, 0, config.batch_size)
     start = time.perf_counter()
-    with sharding.activate(trainer.mesh, trainer.rules):
-      step = trainer._train_step.lower(trainer.state, batch, trainer.dropout_rng).compile()
+    with trainer.run.activate():
+      step = trainer.run.train_step.lower(trainer.state, batch, trainer.dropout_rng).compile()
     return cls(name, config, trainer, step, time.perf_counter() - start)
 
   def time_step(self, batch) -> None:

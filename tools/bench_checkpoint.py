@@ -28,24 +28,19 @@ SHAPES = {
 
 def make_trainer(overrides: dict) -> train.Trainer:
   config = config_lib.get_config()
-  for key, value in overrides.items():
-    *parents, leaf = key.split(".")
-    target = config
-    for part in parents:
-      target = target[part]
-    target[leaf] = value
+  config.update_from_flattened_dict(overrides)
   return train.Trainer(config, devices=jax.devices()[:1])
 
 
 def time_saves(trainer: train.Trainer, trials: int) -> tuple[list[float], list[float]]:
   blocked, committed = [], []
   with tempfile.TemporaryDirectory() as workdir:
-    with trainer.config.unlocked():
-      trainer.config.keep_checkpoints = 1  # old ones are deleted, as in a long run
-    saver = checkpoint.Checkpointer(workdir, trainer.config)
+    config = trainer.config.copy_and_resolve_references()
+    config.keep_checkpoints = 1  # old ones are deleted, as in a long run
+    saver = checkpoint.Checkpointer(workdir, config)
     for step in range(trials + 1):
       start = time.perf_counter()
-      saver.save(trainer, step)
+      trainer.save(saver, step)
       returned = time.perf_counter()
       saver.wait()
       done = time.perf_counter()
@@ -66,7 +61,7 @@ def main():
         f"{'blocking save ms':>22} {'ratio':>6}")
   for name in args.shapes.split(","):
     trainer = make_trainer(SHAPES[name])
-    leaves = jax.tree.leaves(checkpoint.state_item(trainer))
+    leaves = jax.tree.leaves(trainer.state_item())
     num_params = sum(x.size for x in jax.tree.leaves(trainer.state.params))
     megabytes = sum(x.nbytes for x in leaves) / 2**20
     blocked, committed = time_saves(trainer, args.trials)

@@ -10,6 +10,7 @@ from bigflax.data.sources import DOCUMENT_UNITS
 from bigflax.data.tokenizers import (TOKENIZERS, CharTokenizer, DataError, make_tokenizer,
                                      padded_vocab_size)
 from bigflax.data.windows import check_long_enough, window_batch
+from bigflax.errors import ConfigError
 
 
 @dataclasses.dataclass
@@ -31,6 +32,19 @@ class Corpus:
       self._tokens[split] = self.tokenizer.encode_bytes(
           joined, f"the {SPLIT_NAMES[split]} split of {self.description}")
     return self._tokens[split]
+
+
+def check_config(c) -> None:
+  """Raises ConfigError naming the first field of `config.data` that cannot work."""
+  for key, choices in (("tokenizer", TOKENIZERS), ("batching", BATCHINGS),
+                       ("documents", DOCUMENT_UNITS)):
+    if c[key] not in choices:
+      raise ConfigError(f"config.data.{key}={c[key]!r} is unknown; choose one of "
+                        f"{sorted(choices)}")
+  if not 0.0 < c.val_fraction < 1.0:
+    raise ConfigError(f"config.data.val_fraction must be in (0, 1), got {c.val_fraction}")
+  if c.prefetch < 0:
+    raise ConfigError(f"config.data.prefetch must be >= 0, got {c.prefetch}")
 
 
 def _tokenizer_for(data_config, train: TextSource, val: TextSource):
@@ -59,5 +73,5 @@ def load_corpus(data_config, block_size: int) -> Corpus:
 
 
 __all__ = ["BATCHINGS", "Batches", "Corpus", "DOCUMENT_UNITS", "DataError", "SOURCES",
-           "TOKENIZERS", "TRAIN", "VAL", "load_corpus", "make_batches", "make_tokenizer",
+           "TOKENIZERS", "check_config", "TRAIN", "VAL", "load_corpus", "make_batches", "make_tokenizer",
            "padded_vocab_size", "window_batch"]
