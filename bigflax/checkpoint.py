@@ -29,7 +29,7 @@ from bigflax.errors import CheckpointError, NonFiniteError
 RESUME_FIXED_FIELDS = ("model", "data", "batch_size", "seed", "optimizer.name", "skip_nonfinite")
 # ... except these, which change how fast or where, not what is stored or read.
 RESUME_FREE_FIELDS = ("model.dtype", "model.remat", "model.attention_chunk", "data.prefetch",
-                      "data.data_dir")
+                      "data.data_dir", "data.download_hint")
 _MAX_LISTED = 12  # differences listed in an error before "… and N more"
 
 
@@ -238,3 +238,38 @@ def stop_signals():
   finally:
     for signum, handler in previous.items():
       signal.signal(signum, handler)
+
+
+def read_params(workdir, abstract_params, step: int | None = None) -> tuple[int, dict]:
+  """(step, params) of checkpoint `step` (default: the latest) in `workdir`, restored into
+  `abstract_params`' shapes and shardings, without its optimizer state. Read-only: a run still
+  training there is not disturbed."""
+  directory = checkpoints_dir(workdir)
+  manager = ocp.CheckpointManager(
+      directory, item_handlers={"state": ocp.PyTreeCheckpointHandler()},
+      options=ocp.CheckpointManagerOptions(read_only=True))
+  with manager:
+    steps = manager.all_steps()
+    if step is None and not steps:
+      raise CheckpointError(f"{workdir} has no params/ export and no checkpoint to read; train "
+                            f"first with: bigflax train --workdir {workdir}")
+    step = steps[-1] if step is None else step
+    if step not in steps:
+      raise CheckpointError(f"{workdir} has no checkpoint of step {step}; its checkpoints are "
+                            f"steps {sorted(steps)}")
+    where = directory / str(step)
+    try:
+      stored = manager.item_metadata(step)["state"]
+      stored = getattr(stored, "tree", stored)["params"]
+    except Exception as e:  # noqa: BLE001
+      raise CheckpointError(f"checkpoint {where} is corrupted or incomplete ({e})") from e
+    check_shapes(stored, abstract_params, where)
+    try:
+      restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+          item={"params": abstract_params},
+          restore_args=jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding),
+                                    {"params": abstract_params}),
+          partial_restore=True)))
+    except Exception as e:  # noqa: BLE001
+      raise CheckpointError(f"checkpoint {where} is corrupted or incomplete ({e})") from e
+  return step, restored["state"]["params"]

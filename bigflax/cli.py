@@ -1,109 +1,187 @@
-"""`bigflax train|sample|aot`: argument handling only; the work is in bigflax.train/decode/aot."""
+"""`bigflax COMMAND [flags]`: argument handling only; the work is in bigflax.train, decode, aot."""
 
 import pathlib
 import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
 from bigflax import config as config_lib
 from bigflax.errors import UserError
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<experiment name>).")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "train: replace a finished model (config.json "
+                               "and params/, no checkpoint) in --workdir instead of refusing.")
 _PROMPT = flags.DEFINE_string("prompt", None, "sample: text to continue (default: the run's "
                               "config.sample.prompt).")
 _MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", None, "sample: tokens to generate.")
 _TEMPERATURE = flags.DEFINE_float("temperature", None, "sample: softmax temperature; 0 = greedy.")
 _TOP_K = flags.DEFINE_integer("top_k", None, "sample: keep the k most likely tokens; 0 = all.")
-_TOP_P = flags.DEFINE_float("top_p", None, "sample: nucleus probability mass; 1 = all.")
+_TOP_P = flags.DEFINE_float("top_p", None, "sample: nucleus probability mass in (0, 1]; 1 = all.")
 _SEED = flags.DEFINE_integer("seed", 0, "sample: random seed.")
+_STEP = flags.DEFINE_integer("step", None, "sample: read checkpoint STEP instead of the final "
+                             "params (default: params/, else the latest checkpoint).")
 _TOPOLOGY = flags.DEFINE_string("topology", None, "aot: a TPU topology (v5p:4x4x4, v5e:16x16) or "
                                 "slice name (v5e-256, v5p-64).")
 
-USAGE = "usage: bigflax {train,sample,aot} [--config FILE] [--config.FIELD=VALUE ...] [--workdir DIR]"
+COMMON_FLAGS = """\
+  --config FILE[:VARIANT]   an experiment file defining get_config() (default: the embedded
+                            byte-level GPT on the Python standard library, bigflax/config.py)
+  --config.FIELD=VALUE      override any config field (`bigflax config` lists them all)
+  --workdir DIR             the run directory (default: runs/<experiment name>)"""
 
 
-def _experiment_name(config) -> str:
-  return config.name or pathlib.Path(config_flags.get_config_filename(flags.FLAGS["config"])).stem
+def _experiment_name(config, config_spec: str | None) -> str:
+  if config.name:
+    return config.name
+  return pathlib.Path(config_spec.partition(":")[0]).stem if config_spec else "stdlib_bytes"
 
 
-def _train() -> None:
+def _workdir(config, config_spec) -> str:
+  return _WORKDIR.value or str(pathlib.Path("runs") / _experiment_name(config, config_spec))
+
+
+def _train(config, config_spec) -> None:
   from bigflax import distributed, train  # imported here so `bigflax --help` stays fast
-  config = flags.FLAGS.config
   config_lib.validate(config)
-  workdir = _WORKDIR.value or str(pathlib.Path("runs") / _experiment_name(config))
+  workdir = _workdir(config, config_spec)
   if not config.name:
     with config.unlocked():
-      config.name = _experiment_name(config)
+      config.name = _experiment_name(config, config_spec)
   with distributed.fail_fast():
     distributed.initialize(config.distributed)  # before anything starts a JAX backend
     distributed.check_shared_workdir(workdir)
     with distributed.stdout_from_process_zero():
-      train.train(config, workdir)
+      train.train(config, workdir, overwrite=_OVERWRITE.value)
 
 
-def _sample() -> None:
+def _sample(config, config_spec) -> None:
+  del config, config_spec  # the run's own config.json decides
   if not _WORKDIR.value:
-    raise UserError("bigflax sample needs --workdir DIR, the directory of a finished run")
+    raise UserError("bigflax sample needs --workdir DIR, the directory of a run")
+  checks = ((_TEMPERATURE, lambda v: v >= 0, "must be >= 0 (0 = greedy)"),
+            (_TOP_K, lambda v: v >= 0, "must be >= 0 (0 = off)"),
+            (_TOP_P, lambda v: 0 < v <= 1, "must be in (0, 1] (1 = off)"),
+            (_MAX_NEW_TOKENS, lambda v: v >= 1, "must be >= 1"))
+  for flag, ok, rule in checks:
+    if flag.value is not None and not ok(flag.value):
+      raise UserError(f"--{flag.name}={flag.value} {rule}")
   from bigflax import decode, rundir
-  config, model, params, tokenizer = rundir.load_export(_WORKDIR.value)
+  config, model, params, tokenizer = rundir.load_run(_WORKDIR.value, _STEP.value)
+  if model.cfg.vocab_size < tokenizer.vocab_size:
+    raise UserError(f"the model of {_WORKDIR.value} has {model.cfg.vocab_size} ids but its "
+                    f"tokenizer {tokenizer.vocab_size}; give the run its own tokenizer "
+                    "(config.json's data section)")
   s = config.sample
-  print(decode.sample_text(
-      model, params, tokenizer, s.prompt if _PROMPT.value is None else _PROMPT.value,
+  prompt = s.prompt if _PROMPT.value is None else _PROMPT.value
+  print(prompt + decode.sample_text(
+      model, params, tokenizer, prompt,
       max_new_tokens=_MAX_NEW_TOKENS.value or s.max_new_tokens,
       temperature=s.temperature if _TEMPERATURE.value is None else _TEMPERATURE.value,
       top_k=s.top_k if _TOP_K.value is None else _TOP_K.value,
       top_p=s.top_p if _TOP_P.value is None else _TOP_P.value, seed=_SEED.value))
 
 
-def _aot() -> None:
+def _aot(config, config_spec) -> None:
+  del config_spec
   if not _TOPOLOGY.value:
     raise UserError("bigflax aot needs --topology, e.g. --topology=v5p:4x4x4 or v5e-256")
   from bigflax import aot
-  aot.plan_and_report(flags.FLAGS.config, _TOPOLOGY.value)
+  aot.plan_and_report(config, _TOPOLOGY.value)
 
 
-COMMANDS = {"train": _train, "sample": _sample, "aot": _aot}
+def _show_config(config, config_spec) -> None:
+  del config_spec
+  from bigflax import run  # every section's checks
+  run.check(config)
+  print(config_lib.describe(config), end="")
 
 
-def _main(argv) -> None:
-  logging.set_verbosity(logging.WARNING)  # keep JAX's backend probing out of the user's terminal
-  if len(argv) != 2 or argv[1] not in COMMANDS:
-    raise app.UsageError(f"expected one command, got {argv[1:]}\n{USAGE}")
-  try:
-    COMMANDS[argv[1]]()
-  except UserError as e:  # bad input: one clear line, no traceback
-    sys.exit(f"error: {e}")
+# name → (function, one line of help, the command's own flags)
+COMMANDS = {
+    "train": (_train, "train (or resume) a model; evaluates, checkpoints, ends with a sample",
+              (_OVERWRITE,)),
+    "sample": (_sample, "continue a prompt with a trained run's model (final params or a "
+               "checkpoint)", (_PROMPT, _MAX_NEW_TOKENS, _TEMPERATURE, _TOP_K, _TOP_P, _SEED,
+                               _STEP)),
+    "aot": (_aot, "compile the train step for a TPU slice from any machine: memory, FLOPs, fit",
+            (_TOPOLOGY,)),
+    "config": (_show_config, "print every config field with its value and what it means", ()),
+}
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
-  """absl's parser, with an unknown --config.FIELD reported as one line instead of a traceback."""
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    sys.exit(f"error: {e}\n{USAGE}")
-  except (AttributeError, KeyError) as e:
-    _exit_unknown_field(e, argv)
+def usage(command: str | None = None) -> str:
+  lines = ["usage: bigflax COMMAND [--config FILE] [--config.FIELD=VALUE ...] [--workdir DIR] "
+           "[flags]", "", "commands:"]
+  lines += [f"  {name:8} {line}" for name, (_, line, _) in COMMANDS.items()]
+  lines += ["", "common flags:", COMMON_FLAGS]
+  for name, (_, _, own) in COMMANDS.items():
+    if own and command in (None, name):
+      lines += ["", f"{name} flags:"]
+      lines += [f"  --{flag.name:22}  {flags.FLAGS[flag.name].help.removeprefix(name + ': ')}"
+                for flag in own]
+  lines += ["", "examples:", "  bigflax train",
+            "  bigflax train --config experiments/shakespeare_char.py --config.steps=500",
+            "  bigflax sample --workdir runs/stdlib_bytes --prompt 'def '",
+            "  bigflax config --config experiments/preset.py:gpt2_124m"]
+  return "\n".join(lines)
+
+
+def _split_config_flag(args: list[str]) -> tuple[str | None, list[str]]:
+  """The --config FILE value, and the other arguments (--config.FIELD overrides stay)."""
+  spec, rest, i = None, [], 0
+  while i < len(args):
+    arg = args[i]
+    if arg == "--config" and i + 1 < len(args):
+      spec, i = args[i + 1], i + 2
+      continue
+    if arg.startswith("--config="):
+      spec = arg.split("=", 1)[1]
+    else:
+      rest.append(arg)
+    i += 1
+  return spec, rest
 
 
 def _exit_unknown_field(error: Exception, argv: list[str]):
-  """ml_collections raises Attribute/KeyError('name\nDid you mean ...') for a missing field."""
+  """ml_collections raises Attribute/KeyError('name\\nDid you mean ...') for a missing field."""
   message = str(error).strip("'\"").replace("\\n", "\n").replace("\\", "")
   name, _, hint = message.partition("\n")
   name = name.strip("'\"")
-  bad = next((a.split("=")[0] for a in argv[1:] if a.startswith("--config.")
+  bad = next((a.split("=")[0] for a in argv if a.startswith("--config.")
               and name in a.split("=")[0].split(".")), f"--config.…{name}")
   sys.exit(f"error: {bad} names no config field. {hint}".strip())
 
 
-def main() -> None:
-  # config_flags applies --config.FIELD overrides to the default config as soon as the flag is
-  # defined, so an unknown field is reported from here.
+def main(argv: list[str] | None = None) -> None:
+  argv = sys.argv[1:] if argv is None else argv
+  if not argv or argv[0] in ("-h", "--help", "help", "--helpshort", "--helpfull"):
+    print(usage())
+    sys.exit(0)
+  command, args = argv[0], argv[1:]
+  if command not in COMMANDS:
+    sys.exit(f"error: unknown command {command!r}; choose one of {', '.join(COMMANDS)} "
+             "(bigflax --help)")
+  if any(a in ("-h", "--help", "--helpshort", "--helpfull") for a in args):
+    print(usage(command))
+    sys.exit(0)
+  logging.set_verbosity(logging.WARNING)  # keep JAX's backend probing out of the user's terminal
+  spec, rest = _split_config_flag(args)
   try:
-    config_flags.DEFINE_config_file(
-        "config", config_lib.__file__,
-        "Experiment file defining get_config(); override any field with --config.a.b=value.",
-        lock_config=True)
-  except (AttributeError, KeyError) as e:
-    _exit_unknown_field(e, sys.argv)
-  app.run(_main, flags_parser=_parse_flags)
+    config = config_lib.load_experiment(spec) if spec else config_lib.get_config()
+    # config_flags reads sys.argv when the flag is defined (to apply --config.FIELD overrides),
+    # so it must see the arguments without the --config FILE already consumed above.
+    sys.argv = ["bigflax", *rest]
+    flags.FLAGS.unparse_flags()  # main may run more than once in a process (tests, notebooks)
+    for name in [n for n in flags.FLAGS if n == "config" or n.startswith("config.")]:
+      delattr(flags.FLAGS, name)
+    try:
+      config_flags.DEFINE_config_dict("config", config, lock_config=True)
+      flags.FLAGS(sys.argv)
+    except (AttributeError, KeyError) as e:
+      _exit_unknown_field(e, rest)
+    except flags.Error as e:
+      sys.exit(f"error: {e}\n(bigflax {command} --help lists the flags)")
+    COMMANDS[command][0](flags.FLAGS.config, spec)
+  except UserError as e:  # bad input: one clear line, no traceback
+    sys.exit(f"error: {e}")

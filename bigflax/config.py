@@ -12,7 +12,13 @@ bigflax.model's registries; data, optimizer, mesh: their modules), all of them b
 bigflax but errors, so reading an experiment file or `bigflax --help` loads no JAX or TFDS.
 """
 
+import ast
 import dataclasses
+import importlib.util
+import inspect
+import io
+import pathlib
+import tokenize
 
 import ml_collections
 
@@ -27,7 +33,7 @@ class ModelConfig:
   registries they select from."""
   vocab_size: int = 0  # 0 = the tokenizer's vocabulary, rounded up to a multiple of 128
   block_size: int = 128  # longest sequence (the context), and the length of the decoding cache
-  num_layers: int = 4
+  num_layers: int = 4  # transformer blocks
   num_heads: int = 4  # query heads; head_dim = embed_dim / num_heads
   embed_dim: int = 128  # the residual stream's width
   mlp_dim: int = 0  # the MLP's hidden width; 0 = 4 * embed_dim
@@ -147,6 +153,7 @@ def base() -> ml_collections.ConfigDict:
   # text | stdlib | tfds:NAME (a prepared TFDS dataset: tfds:lm1b, tfds:c4/en:3.1.0)
   c.data.source = ""
   c.data.path = ""  # text: a file, a directory or a glob
+  c.data.download_hint = ""  # where to get data.path when it is missing (said in the error)
   c.data.documents = "file"  # text: one document per file | paragraph (blank-line separated)
   c.data.data_dir = ""  # TFDS data dir (local builds are cached there); "" = TFDS's default
   c.data.train_split = "train"  # tfds: the split that trains
@@ -201,7 +208,7 @@ def base() -> ml_collections.ConfigDict:
   # The sample printed at the end of training, and `bigflax sample`'s defaults.
   c.sample = ml_collections.ConfigDict()
   c.sample.prompt = "def "  # text to continue
-  c.sample.max_new_tokens = 200
+  c.sample.max_new_tokens = 200  # tokens to generate
   c.sample.temperature = 0.8  # softmax temperature; 0 = greedy
   c.sample.top_k = 0  # keep the k most likely tokens; 0 = off
   c.sample.top_p = 1.0  # nucleus: the smallest set of tokens with this much probability; 1 = off
@@ -264,3 +271,80 @@ def profile_steps(c: ml_collections.ConfigDict) -> tuple[int, int] | None:
          f"config.profile_steps={c.profile_steps!r} must be 'A,B' with 1 <= A <= B <= "
          f"config.steps={c.steps}, e.g. --config.profile_steps=10,12")
   return first, last
+
+
+def load_experiment(spec: str) -> ml_collections.ConfigDict:
+  """The config of an experiment file, `PATH` or `PATH:ARG` (`get_config(ARG)`); ConfigError
+  naming the file and the fix when it cannot be read."""
+  path, _, arg = spec.partition(":")
+  file = pathlib.Path(path).expanduser()
+  if not file.is_file():
+    raise ConfigError(f"--config {path}: no such file; give an experiment file such as "
+                      "experiments/shakespeare_char.py")
+  module_spec = importlib.util.spec_from_file_location(f"experiment_{file.stem}", file)
+  module = importlib.util.module_from_spec(module_spec)
+  try:
+    module_spec.loader.exec_module(module)
+  except SyntaxError as e:
+    raise ConfigError(f"--config {path}: syntax error at line {e.lineno}: {e.msg}") from None
+  except Exception as e:  # noqa: BLE001 - any failure of the user's file is reported, one line
+    raise ConfigError(f"--config {path}: the file failed to load ({type(e).__name__}: "
+                      f"{str(e).splitlines()[0] if str(e) else ''}); fix it and run again") from None
+  if not callable(getattr(module, "get_config", None)):
+    raise ConfigError(f"--config {path} defines no get_config(); an experiment file defines "
+                      "get_config() returning bigflax.config.base() with its changes")
+  try:
+    config = module.get_config(arg) if arg else module.get_config()
+  except TypeError as e:
+    raise ConfigError(f"--config {spec}: get_config({'arg' if arg else ''}) failed ({e}); "
+                      f"{'drop' if arg else 'add'} the ':VARIANT' after the file name") from None
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigError(f"--config {path}: get_config() returned a {type(config).__name__}, not an "
+                      "ml_collections.ConfigDict; return bigflax.config.base() with changes")
+  return config
+
+
+def field_comments() -> dict[str, str]:
+  """Each field's comment in this file ("model.dropout" → "Dropout rate on …"): the comment on its
+  line, or the comment lines just above it. `bigflax config` prints them beside the values."""
+  comments = {}
+  for source, prefix, pattern in ((inspect.getsource(base), "", "assign"),
+                                  (inspect.getsource(ModelConfig), "model.", "field")):
+    lines = source.splitlines()
+    notes = {t.start[0]: t.string.lstrip("# ").strip()
+             for t in tokenize.generate_tokens(io.StringIO(source).readline)
+             if t.type == tokenize.COMMENT}
+    for node in ast.walk(ast.parse(source)):
+      if pattern == "assign" and isinstance(node, ast.Assign):
+        name = ast.unparse(node.targets[0]).removeprefix("c.")
+      elif pattern == "field" and isinstance(node, ast.AnnAssign):
+        name = prefix + ast.unparse(node.target)
+      else:
+        continue
+      line = node.lineno
+      above = []
+      while line - 1 - len(above) in notes and lines[line - 2 - len(above)].strip().startswith("#"):
+        above.insert(0, notes[line - 1 - len(above)])
+      text = " ".join(above + [notes.get(node.end_lineno, "")]).strip()
+      if text:
+        comments[name] = text
+  return comments
+
+
+def describe(config: ml_collections.ConfigDict) -> str:
+  """Every field of `config` with its value and comment, one per line: `bigflax config`."""
+  comments = field_comments()
+  lines = []
+
+  def walk(node, prefix=""):
+    for key in node.keys():
+      value = node[key]
+      if isinstance(value, ml_collections.ConfigDict):
+        lines.append("")
+        walk(value, f"{prefix}{key}.")
+        continue
+      name = f"{prefix}{key}"
+      note = comments.get(name, "")
+      lines.append(f"{name} = {value!r}" + (f"  # {note}" if note else ""))
+  walk(config)
+  return "\n".join(lines).strip() + "\n"

@@ -9,6 +9,7 @@
 
 import json
 import pathlib
+import shutil
 
 import flax.linen as nn
 import jax
@@ -32,6 +33,34 @@ def metrics_path(workdir) -> pathlib.Path:
 
 def params_dir(workdir) -> pathlib.Path:
   return pathlib.Path(workdir).absolute() / "params"
+
+
+def prepare_for_training(workdir, overwrite: bool = False) -> None:
+  """Makes `workdir` ready to train in, refusing what would destroy work: a finished export or
+  a converted model (config.json and params/, no checkpoint to resume) is replaced only with
+  `overwrite`; a workdir that is a file or not writable is named with the fix."""
+  root = pathlib.Path(workdir)
+  if root.exists() and not root.is_dir():
+    raise UserError(f"--workdir {workdir} is a file, not a directory; choose another --workdir")
+  has_checkpoints = (root / "checkpoints").is_dir() and any((root / "checkpoints").iterdir())
+  if config_path(root).exists() and params_dir(root).exists() and not has_checkpoints:
+    if not overwrite:
+      raise UserError(
+          f"--workdir {workdir} holds a finished model (config.json and params/) and no "
+          "checkpoint to resume, so training there would replace it; pick a new --workdir "
+          "(to start from those weights, use it as the source of a new run), or pass "
+          "--overwrite to replace it")
+    for stale in (config_path(root), metrics_path(root), *root.glob("events.out.tfevents*")):
+      stale.unlink(missing_ok=True)
+    shutil.rmtree(params_dir(root))
+  try:
+    root.mkdir(parents=True, exist_ok=True)
+    probe = root / ".bigflax-write-test"
+    probe.write_text("")
+    probe.unlink()
+  except OSError as e:
+    raise UserError(f"cannot write to --workdir {workdir} ({e.strerror}); choose a writable "
+                    "directory") from None
 
 
 def write_config(config, workdir) -> None:
@@ -72,10 +101,15 @@ class MetricsWriter:
       return
     record = {k: v.item() if isinstance(v, np.generic | np.ndarray) else v
               for k, v in record.items()}
-    self._jsonl.write(json.dumps(record) + "\n")
+    # Strict JSON has no NaN/Inf: such values are written as null and named in "nonfinite".
+    nonfinite = sorted(k for k, v in record.items() if isinstance(v, float) and not np.isfinite(v))
+    strict = {k: None if k in nonfinite else v for k, v in record.items()}
+    if nonfinite:
+      strict["nonfinite"] = nonfinite
+    self._jsonl.write(json.dumps(strict, allow_nan=False) + "\n")
     self._jsonl.flush()
-    for key, value in record.items():
-      if key != "step" and isinstance(value, int | float):
+    for key, value in record.items():  # TensorBoard would warn at every NaN: they are skipped
+      if key != "step" and key not in nonfinite and isinstance(value, int | float):
         self._tensorboard.add_scalar(key, value, record["step"])
 
   def close(self) -> None:
@@ -95,22 +129,50 @@ def export_params(workdir, params) -> None:
     checkpointer.wait_until_finished()
 
 
+def read_config(workdir) -> ml_collections.ConfigDict:
+  path = config_path(workdir)
+  if not path.exists():
+    raise UserError(f"{workdir} holds no run (no config.json); train one first with: "
+                    f"bigflax train --workdir {workdir}")
+  try:
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise UserError(f"{path} is not valid JSON ({e}); restore it from the run's checkpoints "
+                    f"(checkpoints/<step>/config) or train again") from None
+
+
+def load_run(workdir, step: int | None = None):
+  """(config, model, params, tokenizer) of a run: its params/ export, or checkpoint `step` (the
+  latest when the run has no export, e.g. one that was interrupted)."""
+  config = read_config(workdir)
+  model = Transformer(ModelConfig.from_config(config.model))
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                          nn.unbox(abstract_params(model, config.model.block_size)))
+  if step is None and params_dir(workdir).exists():
+    with ocp.StandardCheckpointer() as checkpointer:
+      path = params_dir(workdir)
+      try:
+        stored = checkpointer.metadata(path).item_metadata.tree
+      except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"the params export {path} is corrupted or incomplete "
+                              f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                              "train again or copy it anew") from None
+      checkpoint.check_shapes(stored, abstract, path)
+      try:
+        params = checkpointer.restore(path, abstract)
+      except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"the params export {path} is corrupted or incomplete "
+                              f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                              "train again or copy it anew") from None
+  else:
+    _, params = checkpoint.read_params(workdir, abstract, step)
+  return config, model, params, data.make_tokenizer(config.data)
+
+
 def load_export(workdir):
   """(config, model, params, tokenizer) of a finished run, from config.json and the export."""
-  path = params_dir(workdir)
-  if not config_path(workdir).exists() or not path.exists():
+  if not config_path(workdir).exists() or not params_dir(workdir).exists():
     raise UserError(f"{workdir} holds no finished run (need config.json and params/); train "
                     f"one first with: bigflax train --workdir {workdir}")
-  config = ml_collections.ConfigDict(json.loads(config_path(workdir).read_text()))
-  model = Transformer(ModelConfig.from_config(config.model))
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct,
-                          nn.unbox(abstract_params(model, config.model.block_size)))
-  with ocp.StandardCheckpointer() as checkpointer:
-    try:
-      stored = checkpointer.metadata(path).item_metadata.tree
-    except Exception as e:  # noqa: BLE001
-      raise CheckpointError(f"the params export {path} is corrupted or incomplete ({e}); "
-                            "train again or copy it anew") from e
-    checkpoint.check_shapes(stored, abstract, path)
-    params = checkpointer.restore(path, abstract)
-  return config, model, params, data.make_tokenizer(config.data)
+  return load_run(workdir)

@@ -43,9 +43,14 @@ class Trainer:
       self._data[key] = data.make_batches(self.corpus, self.config, split, batch_size, rows)
     return self._data[key]
 
-  def batch(self, split: int, index: int, batch_size: int | None = None):
-    local = self._batches(split, batch_size or self.config.batch_size).batch(index)
-    return sharding.global_batch(local, self.run.batch_sharding)
+  def local_batch(self, split: int, index: int, batch_size: int | None = None) -> dict:
+    """This process's rows of global batch `index` of `split`, as numpy arrays."""
+    return self._batches(split, batch_size or self.config.batch_size).batch(index)
+
+  def batch(self, split: int, index: int, batch_size: int | None = None) -> dict:
+    """Global batch `index` of `split`, laid out over the mesh."""
+    return sharding.global_batch(self.local_batch(split, index, batch_size),
+                                 self.run.batch_sharding)
 
   def data_state(self) -> dict:
     """Where the train batches are (small, JSON-able): saved with a checkpoint, so a resumed run
@@ -74,22 +79,47 @@ class Trainer:
     self.set_data_state(data_state)
 
   def step(self, index: int):
+    local = self.local_batch(data.TRAIN, index)
     with self.run.activate():
-      self.state, metrics = self.run.train_step(self.state, self.batch(data.TRAIN, index),
-                                                self.dropout_rng)
+      self.state, metrics = self.run.train_step(
+          self.state, sharding.global_batch(local, self.run.batch_sharding), self.dropout_rng)
+    if "segment_ids" in local:  # packed rows: the share of padding (this process's rows)
+      metrics = {**metrics, "padding": float(np.mean(local["segment_ids"] == 0))}
     return metrics
 
+  def eval_batches(self) -> tuple[data.EvalBatches, data.EvalInfo | None]:
+    """The val batches every evaluation runs (the same ones each time), built on first use.
+
+    Packed rows of documents spread over the whole val split, `eval_batches` of them or (0) every
+    val prediction once. A windows run with eval_batches > 0 keeps nanoGPT's random val windows,
+    the way its recipes are measured."""
+    if not hasattr(self, "_eval"):
+      config, rows = self.config, sharding.process_rows(self.run.batch_sharding,
+                                                        self.config.batch_size)
+      if config.data.batching == "windows" and config.eval_batches:
+        val = self._batches(data.VAL, config.batch_size)
+        self._eval = [val.batch(i) for i in range(config.eval_batches)], None
+      else:
+        self._eval = data.eval_batches(self.corpus, config, config.batch_size,
+                                       config.eval_batches, rows)
+    return self._eval
+
   def evaluate(self) -> dict[str, float]:
-    """Mean next-token loss and accuracy over `eval_batches` fixed batches of val rows (the same
-    every time)."""
+    """Mean next-token loss and accuracy over the eval batches; with packed rows also how many
+    val documents they cover."""
+    batches, info = self.eval_batches()
     totals = []
     with self.run.activate():
-      for i in range(self.config.eval_batches):
-        totals.append(self.run.eval_step(self.state, self.batch(data.VAL, i)))
+      for batch in batches:
+        totals.append(self.run.eval_step(
+            self.state, sharding.global_batch(batch, self.run.batch_sharding)))
     totals = {k: sum(float(t[k]) for t in totals) for k in totals[0]}
     eval_loss = totals["loss_sum"] / totals["num_tokens"]
-    return {"eval_loss": eval_loss, "eval_perplexity": float(np.exp(eval_loss)),
-            "eval_accuracy": totals["correct"] / totals["num_tokens"]}
+    record = {"eval_loss": eval_loss, "eval_perplexity": float(np.exp(eval_loss)),
+              "eval_accuracy": totals["correct"] / totals["num_tokens"]}
+    if info is not None:
+      record["eval_documents"] = info.documents
+    return record
 
   def sample(self, prompt: str, *, max_new_tokens: int, temperature: float, top_k: int,
              top_p: float, seed: int) -> str:
@@ -213,21 +243,28 @@ class _Loop:
     self.trainer.save(self.checkpointer, step)
 
 
-def train(config, workdir: str, *, print_fn=print, devices=None) -> dict:
+def train(config, workdir: str, *, print_fn=print, devices=None, overwrite: bool = False) -> dict:
   """Trains until `config.steps`, resuming from the latest checkpoint in `workdir` if there is one.
 
   Evaluates every `eval_every` steps and at the end; checkpoints every `checkpoint_every` steps, at
   the end, and on SIGTERM/SIGINT (then returns early, the checkpoint written); writes config.json,
-  metrics.jsonl, TensorBoard events and the final params. Returns the last eval."""
-  pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
+  metrics.jsonl, TensorBoard events and the final params. Returns the last eval. A workdir holding
+  a finished model and no checkpoint is refused unless `overwrite`."""
+  if jax.process_index() == 0:
+    rundir.prepare_for_training(workdir, overwrite)
+  else:
+    pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
   trainer = Trainer(config, devices=devices)
   checkpointer = checkpoint.Checkpointer(workdir, trainer.config)
+  loop = None
   try:
     start = _resume(trainer, checkpointer, workdir, print_fn)
     loop = _start_loop(trainer, checkpointer, workdir, start)
     stopped_at = _run_steps(loop, start)
     return _finish(loop, stopped_at, print_fn)
   finally:
+    if loop is not None:  # an error message then starts on its own line, below the bar
+      loop.progress.close()
     checkpointer.close()  # a save still in flight completes, even when the loop raised
 
 
@@ -244,6 +281,15 @@ def _resume(trainer: Trainer, checkpointer: checkpoint.Checkpointer, workdir: st
     rundir.trim_metrics(workdir, start)
     num_params = sum(x.size for x in jax.tree.leaves(trainer.state.params))
     print_fn(f"data: {trainer.corpus.description}")
+    batches = trainer._batches(data.TRAIN, trainer.config.batch_size)
+    _, eval_info = trainer.eval_batches()
+    print_fn(f"batches: {batches.description}")
+    if eval_info is not None:
+      print_fn(f"eval: {eval_info.num_batches} batches, {eval_info.predictions:,} of the val "
+               f"split's {eval_info.split_predictions:,} predictions, {eval_info.documents} of "
+               f"its {eval_info.split_documents} documents")
+    for notice in batches.notices + list(eval_info.notices if eval_info else ()):
+      print_fn(f"note: {notice}")
     print_fn(f"model: {num_params / 1e6:.2f}M params; mesh {dict(trainer.mesh.shape)} over "
              f"{trainer.mesh.size} {jax.devices()[0].platform} devices; workdir {workdir}")
     if latest is not None:

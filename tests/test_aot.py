@@ -57,6 +57,7 @@ def test_compile_for_v5e_2x2_reports_memory_flops_and_collectives():
   assert "FITS" in aot.describe(plan)
 
 
+@pytest.mark.slow
 def test_a_model_that_does_not_fit_gets_settings_that_do(monkeypatch):
   pytest.importorskip("libtpu", reason="libtpu is not installed, so nothing can be compiled for "
                       "TPU here: pip install -e '.[test]' installs it")

@@ -14,7 +14,7 @@ import pytest
 from bigflax import checkpoint, data, rundir, train
 from bigflax.config import ConfigError, validate
 from bigflax.rundir import read_metrics
-from conftest import REPO, tiny_config
+from conftest import REPO, bigflax_env, tiny_config
 
 ONE_DEVICE = jax.devices()[:1]
 
@@ -54,12 +54,10 @@ def cli_flags(corpus_file, workdir, **fields):
 
 
 def start_cli(args, hook=(), output=subprocess.PIPE, devices=1) -> subprocess.Popen:
-  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
-  env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
   command = [sys.executable, "-c", HOOKED_CLI, *hook] if hook else [sys.executable, "-m",
                                                                    "bigflax"]
-  return subprocess.Popen([*command, *args], cwd=REPO, env=env, stdout=output, stderr=output,
-                          text=True)
+  return subprocess.Popen([*command, *args], cwd=REPO, env=bigflax_env(devices), stdout=output,
+                          stderr=output, text=True)
 
 
 def run_cli(args, hook=()) -> subprocess.CompletedProcess:
@@ -72,6 +70,7 @@ def losses(workdir):
   return [(r["step"], r["loss"]) for r in read_metrics(workdir) if "loss" in r]
 
 
+@pytest.mark.slow
 def test_sigterm_then_resume_continues_bit_identically(tmp_path, corpus_file):
   whole, interrupted = tmp_path / "whole", tmp_path / "interrupted"
   args = dict(steps=30, checkpoint_every=5, **{"model.dropout": 0.1})
@@ -99,6 +98,7 @@ def test_sigterm_then_resume_continues_bit_identically(tmp_path, corpus_file):
   assert sorted(os.listdir(interrupted / "checkpoints")) == ["23", "25", "30"]  # the latest 3
 
 
+@pytest.mark.slow
 def test_hosts_agree_on_the_step_to_save_when_one_is_preempted(tmp_path, corpus_file):
   """2 processes × 4 devices; SIGTERM reaches process 1 only. JAX's preemption service (not our
   handler, which stays off with several processes) picks one step at which both save and stop."""
@@ -118,6 +118,7 @@ def test_hosts_agree_on_the_step_to_save_when_one_is_preempted(tmp_path, corpus_
   assert [step for step, _ in losses(tmp_path)] == list(range(1, int(saved[0]) + 1))
 
 
+@pytest.mark.slow
 def test_sigkill_during_an_async_save_keeps_the_previous_checkpoint(tmp_path, corpus_file):
   workdir = tmp_path / "run"
   # ~1.6M params: Adam state and params take a moment to write
@@ -143,6 +144,7 @@ def reshard_config(corpus_file, **mesh):
   return tiny_config(corpus_file, steps=6, **{"model.vocab_size": 64, **mesh})
 
 
+@pytest.mark.slow
 def test_restore_onto_other_meshes_continues_the_run(tmp_path, corpus_file):
   source = train.Trainer(reshard_config(corpus_file, **{"mesh.data": 8}), devices=jax.devices())
   for i in range(2):
@@ -167,14 +169,14 @@ def test_restore_onto_other_meshes_continues_the_run(tmp_path, corpus_file):
 
 def poison_step(monkeypatch, at_index):
   """Batch `at_index` gets a NaN loss mask: its loss and gradient are NaN."""
-  batch = train.Trainer.batch
+  batch = train.Trainer.local_batch
 
   def poisoned(self, split, index, batch_size=None):
-    b = batch(self, split, index, batch_size)
+    b = dict(batch(self, split, index, batch_size))
     if split == data.TRAIN and index == at_index:
       b["loss_mask"] = b["loss_mask"] * np.nan
     return b
-  monkeypatch.setattr(train.Trainer, "batch", poisoned)
+  monkeypatch.setattr(train.Trainer, "local_batch", poisoned)
 
 
 def test_nonfinite_loss_stops_the_run_naming_the_step(tmp_path, corpus_file, monkeypatch):
@@ -274,6 +276,7 @@ def test_conflicting_config_is_refused_with_the_differences(run_copy):
     assert free not in message
 
 
+@pytest.mark.slow
 def test_arrays_of_another_shape_are_listed(run_copy, tmp_path):
   workdir, corpus = run_copy
   other = train.Trainer(run_config(corpus, **{"model.embed_dim": 16}), devices=ONE_DEVICE)
@@ -292,6 +295,7 @@ def test_arrays_of_another_shape_are_listed(run_copy, tmp_path):
     train.train(run_config(corpus, steps=6), workdir, devices=ONE_DEVICE)
 
 
+@pytest.mark.slow
 def test_a_corrupted_checkpoint_is_named_and_an_older_one_offered(run_copy):
   workdir, corpus = run_copy
   broken = workdir / "checkpoints" / "4"

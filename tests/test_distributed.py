@@ -2,7 +2,6 @@
 127.0.0.1 must train exactly like 1 process of 8 devices, and fail fast and clearly when a process
 is missing, dies, or disagrees about the process count."""
 
-import os
 import signal
 import subprocess
 import sys
@@ -15,7 +14,7 @@ import pytest
 from bigflax import distributed
 from bigflax.config import ConfigError, validate
 from bigflax.rundir import read_metrics
-from conftest import REPO, tiny_config
+from conftest import REPO, bigflax_env, tiny_config
 
 TIMEOUT = 15  # seconds: config.distributed.initialization_timeout here
 HEARTBEAT = 8  # seconds: config.distributed.heartbeat_timeout here
@@ -38,9 +37,7 @@ def run_args(corpus_file, workdir, steps=5, extra=()):
 
 def start(args, devices, cwd=REPO):
   """`bigflax ARGS` with its own device count: the child must not inherit the tests' 8."""
-  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
-  env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-  return subprocess.Popen([sys.executable, "-m", "bigflax", *args], cwd=cwd, env=env,
+  return subprocess.Popen([sys.executable, "-m", "bigflax", *args], cwd=cwd, env=bigflax_env(devices),
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -55,6 +52,7 @@ def process_args(address, num_processes, process_id):
           f"--config.distributed.process_id={process_id}"]
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one_process_with_all_devices(tmp_path, corpus_file):
   address = f"127.0.0.1:{portpicker.pick_unused_port()}"
   # One workdir for both, as on a shared filesystem: Orbax writes the params from every process.
@@ -82,6 +80,7 @@ def test_two_processes_train_like_one_process_with_all_devices(tmp_path, corpus_
     assert ours not in results[1][1], results[1][1]
 
 
+@pytest.mark.slow
 def test_a_missing_process_is_reported_within_the_timeout(tmp_path, corpus_file):
   """Process 0 alone waits for its peer; process 1 alone waits for a coordinator."""
   began = time.monotonic()
@@ -97,6 +96,7 @@ def test_a_missing_process_is_reported_within_the_timeout(tmp_path, corpus_file)
           in err1) and f"after config.distributed.initialization_timeout={TIMEOUT} s" in err1
 
 
+@pytest.mark.slow
 def test_a_process_that_dies_stops_the_other(tmp_path, corpus_file):
   address = f"127.0.0.1:{portpicker.pick_unused_port()}"
   args = [run_args(corpus_file, tmp_path, steps=100000, extra=process_args(address, 2, i))
@@ -117,6 +117,7 @@ def test_a_process_that_dies_stops_the_other(tmp_path, corpus_file):
   victim.communicate()
 
 
+@pytest.mark.slow
 def test_a_process_count_the_coordinator_does_not_share_names_the_field(tmp_path, corpus_file):
   address = f"127.0.0.1:{portpicker.pick_unused_port()}"
   coordinator = start(run_args(corpus_file, tmp_path / "p0", extra=process_args(address, 2, 0)),
@@ -129,6 +130,7 @@ def test_a_process_count_the_coordinator_does_not_share_names_the_field(tmp_path
           "processes" in results[1][2])
 
 
+@pytest.mark.slow
 def test_a_workdir_the_hosts_do_not_share_is_refused(tmp_path, corpus_file):
   address = f"127.0.0.1:{portpicker.pick_unused_port()}"
   processes = [start(run_args(corpus_file, tmp_path / f"host{i}",

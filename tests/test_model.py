@@ -36,6 +36,10 @@ COMBOS = {name: cfg for cfg, name in COMBOS.items()}
 COMBOS["llama2_70b_scanned_remat"] = dataclasses.replace(
     COMBOS["llama2_70b"], scan_layers=True, remat="save_dots")
 COMBOS["gpt2_124m_scanned"] = dataclasses.replace(COMBOS["gpt2_124m"], scan_layers=True)
+# The fast tier runs the two that cover every code path together; `pytest -m slow` the rest.
+FAST = ("gpt2_124m", "llama2_70b_scanned_remat")
+EVERY_COMBO = [pytest.param(cfg, id=name, marks=() if name in FAST else pytest.mark.slow)
+               for name, cfg in COMBOS.items()]
 
 
 class Jitted:
@@ -54,9 +58,15 @@ def init(cfg=CFG):
   return model, nn.unbox(params)["params"]
 
 
-def test_the_combos_cover_gpt_and_llama_with_grouped_query_attention():
-  assert {"gpt2_124m", "llama2_7b", "llama2_70b"} <= set(COMBOS)
-  assert COMBOS["llama2_70b"].kv_heads == 2 and COMBOS["llama2_7b"].kv_heads == 4
+def test_presets_set_the_published_architectures():
+  for name, cfg in COMBOS.items():
+    gpt = name.startswith("gpt")
+    assert (cfg.norm, cfg.positions, cfg.mlp) == (
+        ("layernorm", "learned", "gelu_tanh") if gpt else ("rmsnorm", "rope", "swiglu")), name
+    assert cfg.use_bias == cfg.tie_embeddings == gpt, name
+  model = ml_collections.ConfigDict(dataclasses.asdict(CFG))
+  presets.PRESETS["llama2_70b"](model)
+  assert (model.num_heads, model.num_kv_heads, model.mlp_dim) == (64, 8, 28672)
 
 
 def test_logits_shape_and_dtype():
@@ -66,7 +76,7 @@ def test_logits_shape_and_dtype():
   assert logits.shape == (3, 10, 50) and logits.dtype == jnp.float32
 
 
-@pytest.mark.parametrize("cfg", COMBOS.values(), ids=COMBOS.keys())
+@pytest.mark.parametrize("cfg", EVERY_COMBO)
 def test_causal_future_tokens_do_not_change_past_logits(cfg):
   model, params = init(cfg)
   tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, 50)
@@ -147,7 +157,7 @@ def test_sequence_longer_than_block_size_is_rejected():
     model.apply({"params": params}, jnp.ones((1, 17), jnp.int32))
 
 
-@pytest.mark.parametrize("cfg", COMBOS.values(), ids=COMBOS.keys())
+@pytest.mark.parametrize("cfg", EVERY_COMBO)
 def test_initial_loss_is_near_uniform_and_a_tiny_batch_can_be_overfitted(cfg):
   model, params = init(cfg)
   tokens = jax.random.randint(jax.random.key(1), (2, 17), 0, 50)
@@ -221,7 +231,7 @@ def test_scanned_params_sit_on_a_layers_axis():
 
 
 # save_dots runs scanned in the llama2_70b_scanned_remat combo above.
-@pytest.mark.parametrize("remat", ["none", "full"])
+@pytest.mark.parametrize("remat", [pytest.param("none", marks=pytest.mark.slow), "full"])
 def test_scanned_and_unscanned_models_agree_in_outputs_and_gradients(remat):
   cfg = dataclasses.replace(COMBOS["llama2_70b"], remat=remat)
   scanned = dataclasses.replace(cfg, scan_layers=True)

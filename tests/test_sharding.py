@@ -3,9 +3,6 @@ simulated CPU devices, hold the shards they should, and refuse what cannot split
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import jax
 import ml_collections
@@ -15,7 +12,7 @@ import pytest
 from bigflax import sharding, train
 from bigflax.config import DEFAULT_RULES
 from bigflax.rundir import read_metrics
-from conftest import REPO, tiny_config
+from conftest import REPO, run_bigflax, tiny_config
 
 # 8 heads of 4 dims, MLP 128 and the vocabulary (the corpus's 40 characters) divide by tensor=8.
 SHARDABLE = {"model.num_heads": 8, "model.embed_dim": 32, "optimizer.warmup_steps": 0,
@@ -57,6 +54,7 @@ def reference(corpus):
   return losses, jax.tree.map(np.asarray, trainer.state.params)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", MESHES.values(), ids=MESHES.keys())
 def test_every_mesh_reproduces_the_one_device_run(corpus, reference, shape):
   trainer = make_trainer(corpus, shape)
@@ -116,6 +114,7 @@ def test_the_batch_is_split_over_data_and_fsdp(corpus):
   assert sharding.process_rows(trainer.run.batch_sharding, 8) == slice(0, 8)  # one process: all
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_on_a_sharded_mesh_matches_one_big_batch(corpus):
   trainer = make_trainer(corpus, MESHES["mixed"], batch_size=16, grad_accum_steps=2)
   whole = make_trainer(corpus, MESHES["mixed"], batch_size=16)
@@ -155,14 +154,10 @@ def test_what_cannot_split_names_the_config_field(corpus, overrides, message):
 
 
 def _cli(*args, devices):
-  env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
-  result = subprocess.run([sys.executable, "-m", "bigflax", "train", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
-  assert result.returncode == 0, result.stderr[-3000:]
-  return result
+  return run_bigflax("train", *args, devices=devices)
 
 
+@pytest.mark.slow
 def test_the_cli_on_a_2x2x2_mesh_logs_the_one_device_losses(tmp_path, corpus):
   common = [f"--config={REPO}/experiments/shakespeare_char.py", f"--config.data.path={corpus}",
             "--config.sample.prompt=line", "--config.steps=3", "--config.log_every=1",

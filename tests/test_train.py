@@ -35,15 +35,6 @@ def test_one_step_on_a_fixed_batch_lowers_the_loss(corpus_file):
   assert after < before
 
 
-def test_a_tiny_batch_can_be_overfitted(corpus_file):
-  trainer = make_trainer(corpus_file, steps=300, **{
-      "optimizer.learning_rate": 3e-3, "optimizer.warmup_steps": 10,
-      "optimizer.schedule": "constant", "optimizer.weight_decay": 0.0})
-  batch = fixed_batch(trainer, batch_size=8)
-  losses = run_steps_on(trainer, batch, 150)
-  assert losses[0] > 2.5 and losses[-1] < 0.05, (losses[0], losses[-1])
-
-
 def test_gradient_accumulation_matches_one_big_batch(corpus_file):
   kw = {"optimizer.warmup_steps": 0, "optimizer.schedule": "constant"}
   whole = make_trainer(corpus_file, **kw)

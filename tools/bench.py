@@ -1,6 +1,6 @@
 """Train-step throughput and MFU of an experiment on this machine.
 
-    python tools/bench.py --config experiments/shakespeare_char_baby.py [--config.FIELD=VALUE]
+    python tools/bench.py --config experiments/shakespeare_char.py:baby [--config.FIELD=VALUE]
         [--steps 20] [--compare FIELD=VALUE[,FIELD=VALUE] ...]
 
 Reports, after compilation: the median (min, max) step time over --steps steps, the training

@@ -1,10 +1,12 @@
 """Data: a source's documents (`reader`) → a tokenizer → the batches of each split (`pipeline`)."""
 
 import dataclasses
+import glob
 
 import numpy as np
 
-from bigflax.data.pipeline import BATCHINGS, SPLIT_NAMES, TRAIN, VAL, Batches, make_batches
+from bigflax.data.pipeline import (BATCHINGS, SPLIT_NAMES, TRAIN, VAL, Batches, EvalBatches,
+                                   EvalInfo, eval_batches, make_batches)
 from bigflax.data.reader import SOURCES, TextSource, open_splits
 from bigflax.data.sources import DOCUMENT_UNITS
 from bigflax.data.tokenizers import (TOKENIZERS, CharTokenizer, DataError, make_tokenizer,
@@ -59,6 +61,9 @@ def _tokenizer_for(data_config, train: TextSource, val: TextSource):
 def load_corpus(data_config, block_size: int) -> Corpus:
   """Opens `config.data`'s source and builds its tokenizer (a char tokenizer with no charset
   takes the corpus's own); windows batching also needs block_size + 1 tokens in each split."""
+  if data_config.download_hint and data_config.path and not glob.glob(data_config.path):
+    raise DataError(f"config.data.path={data_config.path!r} does not exist; download it from "
+                    f"{data_config.download_hint} and pass --config.data.path=FILE")
   train, val, description = open_splits(data_config)
   for split, documents in (("train", train), ("val", val)):
     if not len(documents):
@@ -72,6 +77,6 @@ def load_corpus(data_config, block_size: int) -> Corpus:
   return corpus
 
 
-__all__ = ["BATCHINGS", "Batches", "Corpus", "DOCUMENT_UNITS", "DataError", "SOURCES",
-           "TOKENIZERS", "check_config", "TRAIN", "VAL", "load_corpus", "make_batches", "make_tokenizer",
-           "padded_vocab_size", "window_batch"]
+__all__ = ["BATCHINGS", "Batches", "Corpus", "check_config", "DOCUMENT_UNITS", "DataError", "SOURCES",
+           "TOKENIZERS", "TRAIN", "VAL", "EvalBatches", "EvalInfo", "eval_batches", "load_corpus", "make_batches",
+           "make_tokenizer", "padded_vocab_size", "window_batch"]

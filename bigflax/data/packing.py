@@ -1,16 +1,21 @@
-"""Packing tokenized documents into fixed-length rows with segment ids and positions.
+"""Packing documents into fixed-length rows with segment ids and positions.
 
-A row holds `block_size + 1` tokens: inputs are the first `block_size`, targets the last
-`block_size` (as in a window). Documents are laid in one after another, each a segment
-(`segment_ids` 1, 2, … within the row; 0 is padding) whose `positions` count from 0. The loss
-counts a target only where it continues the same segment (`loss_mask`), so nothing is predicted
-across a document boundary or from padding.
+An epoch lays its documents end to end, in the epoch's order, as one stream of tokens, and cuts
+the stream into rows of `length` = block_size + 1 tokens, each row starting on the token the row
+before ended on: row r holds stream tokens r·(length−1) … r·(length−1) + length−1. Inputs are a
+row's first block_size tokens and targets its last block_size (as in a window), so a row's last
+token (a target only) is the next row's first input, and every pair of neighbouring stream
+tokens — every next-token prediction — lies in exactly one row.
 
-A document that fits in a row is never split: when it does not fit in what is left of the
-current row, the rest of that row is padding and it starts the next one. A document longer than a
-whole row is split instead: its pieces fill rows to the end, and consecutive pieces overlap by one
-token (a row's last target is the next row's first input), so every one of its next-token
-predictions is made exactly once. Each piece is its own segment, with positions from 0.
+Each document's piece of a row is a segment (`segment_ids` 1, 2, … within the row; 0 is padding)
+whose `positions` count from 0. The loss counts a target only where it continues the same
+segment (`loss_mask`), and attention stays within a segment, so nothing is predicted across a
+document boundary: every next-token prediction of every document is made exactly once an epoch.
+A document is cut wherever a row ends, so rows are full to the end; the only padding is after
+the stream's end, in the epoch's last row.
+
+Where a row falls is arithmetic on the documents' token lengths (a cumulative sum), so any row is
+made directly, reading only the documents it holds, without packing the rows before it.
 """
 
 import numpy as np
@@ -18,59 +23,63 @@ import numpy as np
 from bigflax.errors import DataError
 
 
-class RowStream:
-  """Packs `documents[0], documents[1], …` (token arrays) into rows, one row per call. Its whole
-  position is (document number, token offset) — `state` — so it restarts anywhere in O(1): it
-  re-tokenizes at most the one document it was inside."""
+class Layout:
+  """One epoch's stream: the documents `numbers` (all of ≥ 2 tokens) in stream order, with their
+  token `lengths`, cut into rows of `length` tokens."""
 
-  def __init__(self, documents, *, length: int, num_documents: int):
-    self._documents = documents
-    self._length = length  # tokens per row: block_size + 1
-    self._num_documents = num_documents  # one epoch: a stream that skips this many is stuck
-    self.state = (0, 0)
-    self._cached = (-1, None)
+  def __init__(self, numbers: np.ndarray, lengths: np.ndarray, length: int):
+    self.numbers, self.length = numbers, length
+    self.ends = np.cumsum(lengths)  # where each document ends in the stream
+    self.starts = self.ends - lengths
+    # The stream's (tokens − 1) neighbouring pairs, length − 1 of them to a row.
+    self.num_rows = -(-(int(self.ends[-1]) - 1) // (length - 1))
 
-  def _document(self, number: int) -> np.ndarray:
-    if self._cached[0] != number:
-      self._cached = (number, self._documents[number])
-    return self._cached[1]
+  def segments(self, rows: np.ndarray) -> tuple[np.ndarray, ...]:
+    """For each token of `rows` ([n] row numbers; a row ≥ num_rows is all padding), all
+    [n, length]: its document's place in the stream, its offset in that document, its segment
+    id and its position."""
+    first = rows[:, None] * (self.length - 1)  # the stream token each row starts on
+    slots = first + np.arange(self.length)
+    real = (rows[:, None] < self.num_rows) & (slots < self.ends[-1])
+    slots = np.where(real, slots, 0)
+    place = np.searchsorted(self.ends, slots, side="right")
+    # Documents in a row are consecutive in the stream, so their places number the segments.
+    segment_ids = np.where(real, place - place[:, :1] + 1, 0).astype(np.int32)
+    positions = np.where(real, slots - np.maximum(self.starts[place], first), 0).astype(np.int32)
+    return place, slots - self.starts[place], segment_ids, positions
 
-  def row(self, tokens: np.ndarray, segment_ids: np.ndarray, positions: np.ndarray) -> None:
-    """Fills one row (arrays of `length`, zero on entry) and advances the stream past it."""
-    number, offset = self.state
-    fill, segment, skipped = 0, 0, 0
-    while fill < self._length:
-      doc = self._document(number)
-      rest, space = len(doc) - offset, self._length - fill
-      if len(doc) < 2:  # nothing to predict in it
-        number, skipped = number + 1, skipped + 1
-        if skipped > self._num_documents:
-          raise DataError("no document of the split has two or more tokens, so there is "
-                          "nothing to predict; check config.data.source / config.data.path")
-        continue
-      if rest <= space:
-        piece, number, offset = doc[offset:], number + 1, 0
-      elif rest > self._length and space >= 2:
-        piece, offset = doc[offset:offset + space], offset + space - 1
-      else:
-        break  # it fits in a fresh row: pad this one
-      segment += 1
-      tokens[fill:fill + len(piece)] = piece
-      segment_ids[fill:fill + len(piece)] = segment
-      positions[fill:fill + len(piece)] = np.arange(len(piece))
-      fill += len(piece)
-    self.state = (number, offset)
+  def rows(self, rows: np.ndarray, read) -> tuple[np.ndarray, ...]:
+    """(tokens, segment_ids, positions) of `rows`, each [n, length]; `read(number)` is a
+    document's tokens. Each document the rows touch is read once."""
+    place, offsets, segment_ids, positions = self.segments(rows)
+    real = segment_ids > 0
+    tokens = np.zeros(place.shape, np.int32)
+    needed, which = np.unique(place[real], return_inverse=True)
+    if len(needed):
+      offsets = offsets[real]
+      # Each document's span that the rows use (from its first to its last token used), laid
+      # end to end, so one gather fills every row.
+      first = np.full(len(needed), np.iinfo(np.int64).max)
+      last = np.zeros(len(needed), np.int64)
+      np.minimum.at(first, which, offsets)
+      np.maximum.at(last, which, offsets)
+      spans = []
+      for p, a, b in zip(needed, first, last):
+        text = read(int(self.numbers[p]))
+        if len(text) != self.ends[p] - self.starts[p]:
+          raise DataError(
+              f"document {self.numbers[p]} has {len(text)} tokens now but had "
+              f"{self.ends[p] - self.starts[p]} when the split was indexed; the data or the "
+              "tokenizer changed under a running pipeline: rebuild it (restart the run)")
+        spans.append(text[a:b + 1])
+      span_starts = np.cumsum([0] + [len(span) for span in spans[:-1]])
+      tokens[real] = np.concatenate(spans)[span_starts[which] + offsets - first[which]]
+    return tokens, segment_ids, positions
 
-  def set_state(self, state) -> None:
-    self.state = tuple(int(x) for x in state)
 
-
-def packed_batch(stream: RowStream, batch_size: int, block_size: int) -> dict[str, np.ndarray]:
-  """The stream's next `batch_size` rows → the batch fields."""
-  shape = (batch_size, block_size + 1)
-  tokens, segment_ids, positions = (np.zeros(shape, np.int32) for _ in range(3))
-  for i in range(batch_size):
-    stream.row(tokens[i], segment_ids[i], positions[i])
+def batch_fields(tokens: np.ndarray, segment_ids: np.ndarray,
+                 positions: np.ndarray) -> dict[str, np.ndarray]:
+  """[n, block_size + 1] rows → the batch fields, each [n, block_size]."""
   same_segment = segment_ids[:, :-1] == segment_ids[:, 1:]
   return {
       "inputs": tokens[:, :-1],

@@ -1,66 +1,185 @@
-"""The batches of one split, step by step: the object `Trainer` asks for batch k.
+"""The batches of one split, step by step: the object `Trainer` asks for batch k; and the eval.
 
 Two batchings (`config.data.batching`, registry `BATCHINGS`):
 
-  packed   documents → tokenize → pack into rows with segment ids (`packing`) → batch
+  packed   documents → rows cut from each epoch's stream of documents (`packing`) → shuffled
   windows  random windows of the split's tokens laid end to end (nanoGPT; `windows`)
 
-Packed batches come from a grain pipeline: the split's documents are a `grain.MapDataset`,
-shuffled by `seed` and repeated (every epoch in a new order) and tokenized on access, then packed
-into consecutive rows, `batch_size` rows a step. The global batch at step k is a pure function of
-(dataset, seed, k) whatever the number of processes. The position is three integers (step,
-document number, offset in it), so the state is small (JSON) and restoring it costs one
-document's tokenization, not k batches.
+Packed: each epoch shuffles the split's documents (so rows cut them in new places) and then the
+rows (so a batch draws its rows from all over the split, not from one or two documents), both
+seeded by (seed, split, epoch). Global row i is row `order[i mod R]` of epoch i // R (R rows an
+epoch), and batch k is global rows k·batch_size … k·batch_size + batch_size − 1, of which a
+process makes only its `rows`. So batch k is a pure function of (dataset, seed, k), the same for
+any number of processes; the state is the step alone, and resuming costs nothing.
 
-Both batchings prefetch in a background thread (`config.data.prefetch` batches ahead), so the
-train step does not wait on input.
+Where the rows fall needs every document's token length, read once when the pipeline is built
+(`split_index`): the bytes' length for the byte tokenizer, a tokenization for the others.
+
+The eval (`eval_batches`) takes the val split's rows of one epoch in the same shuffled order, so a
+few batches already sample documents from the whole split; asking for 0 batches makes every
+next-token prediction of the split once, the last batch padded (loss_mask 0). It is the same
+under both batchings, so eval_loss compares them.
+
+Batches prefetch in a background thread (`config.data.prefetch` batches ahead), so the train step
+does not wait on input.
 """
+
+import collections.abc
+import dataclasses
+import functools
 
 import grain
 import numpy as np
 
-from bigflax.data.packing import RowStream, packed_batch
+from bigflax.data.packing import Layout, batch_fields
+from bigflax.data.tokenizers import ByteTokenizer
 from bigflax.data.windows import TRAIN, VAL, window_batch
+from bigflax.errors import DataError
 
 SPLIT_NAMES = {TRAIN: "train", VAL: "val"}
+# A split's tokens stay in memory while they number at most this (128 MB as uint16).
+KEEP_TOKENS = 1 << 26
+_INDEXES = {}  # (id(documents), id(tokenizer)) → (documents, tokenizer, index); a few splits
 
 
-def document_order(documents, tokenizer, seed: int, split: int) -> grain.MapDataset:
-  """Tokenized documents in shuffled order, repeated forever; each epoch is shuffled anew."""
-  source = SPLIT_NAMES[split]
-  return (grain.MapDataset.source(documents)
-          .shuffle(seed=seed * 2 + split)  # train and val: different orders from one seed
-          .repeat()
-          .map(lambda text: tokenizer.encode_document(text, f"a {source} document")))
+def split_index(documents, tokenizer, source: str) -> tuple[np.ndarray, list | None]:
+  """(every document's token count, every document's tokens or None), computed once per
+  (documents, tokenizer): the train loop's and the eval's pipelines share it. Each document is
+  tokenized once, and the tokens are kept while they fit in KEEP_TOKENS, so rows are slices of
+  memory; past that, rows read their documents again (the byte tokenizer's lengths are then just
+  the documents' sizes)."""
+  key = (id(documents), id(tokenizer))
+  if key not in _INDEXES:
+    dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.int32
+    lengths, kept, total = [], [], 0
+    for i in range(len(documents)):
+      if kept is None and isinstance(tokenizer, ByteTokenizer):
+        lengths.append(len(documents[i]))  # a byte is a token
+        continue
+      tokens = tokenizer.encode_document(documents[i], f"{source} document ({i})")
+      lengths.append(len(tokens))
+      total += len(tokens)
+      if total > KEEP_TOKENS:
+        kept = None  # too many: from here on, only lengths
+      else:
+        kept.append(tokens.astype(dtype))
+    while len(_INDEXES) >= 8:
+      del _INDEXES[next(iter(_INDEXES))]
+    # The entry holds the objects themselves, so their ids are not reused while it lives.
+    _INDEXES[key] = (documents, tokenizer, (np.array(lengths, np.int64), kept))
+  return _INDEXES[key][2]
+
+
+class PackedRows:
+  """Every row of one split's packing, epoch after epoch (see the module docstring)."""
+
+  def __init__(self, documents, tokenizer, *, seed: int, split: int, block_size: int):
+    name = SPLIT_NAMES[split]
+    lengths, kept = split_index(documents, tokenizer, f"a {name}")
+    self._numbers = np.flatnonzero(lengths >= 2)  # a shorter document has nothing to predict
+    if not len(self._numbers):
+      raise DataError(f"no document of the {name} split has two or more tokens, so there is "
+                      "nothing to predict; check config.data.source / config.data.path")
+    self._lengths = lengths[self._numbers]
+    self._seed, self._split, self.length = seed, split, block_size + 1
+    self.num_documents = len(self._numbers)
+    self.rows_per_epoch = Layout(self._numbers, self._lengths, self.length).num_rows
+    self.predictions = int((self._lengths - 1).sum())  # per epoch
+    self.notices = []
+    if self.num_documents == 1:
+      self.notices.append(
+          f"the {name} split is a single document: packed rows are windows of it; give more "
+          "documents (e.g. config.data.documents=paragraph) for batches that mix them")
+    encode = lambda number: tokenizer.encode_document(documents[number],
+                                                      f"a {name} document ({number})")
+    if kept is not None:
+      self._read = kept.__getitem__
+    elif isinstance(tokenizer, ByteTokenizer):
+      self._read = encode  # reading is tokenizing
+    else:  # rows come from all over the split: a cache helps only where documents repeat
+      self._read = functools.lru_cache(maxsize=1024)(encode)
+    self.epoch = functools.lru_cache(maxsize=2)(self._make_epoch)  # a batch may span two
+
+  def _make_epoch(self, epoch: int) -> tuple[Layout, np.ndarray]:
+    """The epoch's layout and its rows in the order they are served; a last extra entry,
+    rows_per_epoch, names a row of padding (a finite pass's last batch)."""
+    rng = np.random.default_rng((self._seed, self._split, epoch))
+    documents = rng.permutation(self.num_documents)
+    layout = Layout(self._numbers[documents], self._lengths[documents], self.length)
+    return layout, np.append(rng.permutation(self.rows_per_epoch), self.rows_per_epoch)
+
+  def _by_epoch(self, indices: np.ndarray, finite: bool):
+    """(layout, which of `indices`, their rows) for each epoch the global rows `indices` fall in;
+    finite: all in epoch 0, those past its end padding."""
+    epochs = np.zeros_like(indices) if finite else indices // self.rows_per_epoch
+    for epoch in np.unique(epochs):
+      layout, order = self.epoch(int(epoch))
+      which = epochs == epoch
+      place = np.minimum(indices[which] - epoch * self.rows_per_epoch, self.rows_per_epoch)
+      yield layout, which, order[place]
+
+  def rows(self, indices: np.ndarray, *, finite: bool = False) -> dict[str, np.ndarray]:
+    """The batch fields of global rows `indices`."""
+    arrays = [np.zeros((len(indices), self.length), np.int32) for _ in range(3)]
+    for layout, which, rows in self._by_epoch(indices, finite):
+      for array, part in zip(arrays, layout.rows(rows, self._read)):
+        array[which] = part
+    return batch_fields(*arrays)
+
+  def coverage(self, indices: np.ndarray, *, finite: bool = False) -> tuple[np.ndarray, int]:
+    """(the numbers of the documents global rows `indices` predict a token of, how many
+    predictions they make), from the layout alone: no document is read."""
+    found, predictions = [], 0
+    for layout, _, rows in self._by_epoch(indices, finite):
+      for chunk in np.array_split(rows, -(-len(rows) // 65536)):  # bounded memory
+        place, _, segment_ids, _ = layout.segments(chunk)
+        predicts = (segment_ids[:, :-1] == segment_ids[:, 1:]) & (segment_ids[:, :-1] > 0)
+        found.append(layout.numbers[place[:, :-1][predicts]])
+        predictions += int(predicts.sum())
+    return np.unique(np.concatenate(found)), predictions
+
+  def padding(self) -> float:
+    """The share of an epoch's row tokens that are padding (segment id 0)."""
+    total = self.rows_per_epoch * self.length
+    real = self.predictions + self.num_documents + self.rows_per_epoch - 1  # rows share an end
+    return 1 - real / total
 
 
 class PackedIterator:
-  """This process's rows of every global batch of packed documents.
-
-  The global batches are consecutive rows of one packing of the shuffled documents; every process
-  packs them all and keeps its own rows, because where row r of step k starts depends on every
-  document before it. So the result cannot depend on the process count, and the state is global:
-  any process can save it, and it restores a run on any number of processes."""
+  """This process's rows of every global batch of packed rows (a pure function of the step)."""
 
   def __init__(self, documents, tokenizer, *, seed: int, split: int, batch_size: int,
-               block_size: int, rows: slice):
-    self._stream = RowStream(document_order(documents, tokenizer, seed, split),
-                             length=block_size + 1, num_documents=len(documents))
-    self._batch_size, self._block_size, self._rows = batch_size, block_size, rows
+               block_size: int, rows: slice, finite: bool = False):
+    self.packed = PackedRows(documents, tokenizer, seed=seed, split=split, block_size=block_size)
+    self._batch_size, self._rows, self._finite = batch_size, rows, finite
     self._step = 0
+    spans = len(self.packed.coverage(np.arange(batch_size), finite=finite)[0])
+    name = SPLIT_NAMES[split]
+    self.description = (
+        f"packed {name} rows: {self.packed.num_documents:,} documents cut into "
+        f"{self.packed.rows_per_epoch:,} rows of {block_size + 1} tokens an epoch "
+        f"({self.packed.padding():.2%} padding); batch 0's {batch_size} rows span {spans} "
+        "documents")
+    self.notices = list(self.packed.notices)
+    if 1 < self.packed.num_documents < batch_size:
+      self.notices.append(
+          f"the {name} split has {self.packed.num_documents} documents, fewer than a batch's "
+          f"{batch_size} rows: a batch spans at most {self.packed.num_documents} documents")
+
+  def indices(self, step: int) -> np.ndarray:
+    """The global rows of batch `step` that this process makes."""
+    return (step * self._batch_size + np.arange(self._batch_size))[self._rows]
 
   def __next__(self) -> dict[str, np.ndarray]:
-    batch = packed_batch(self._stream, self._batch_size, self._block_size)
+    batch = self.packed.rows(self.indices(self._step), finite=self._finite)
     self._step += 1
-    return {key: value[self._rows] for key, value in batch.items()}
+    return batch
 
   def get_state(self) -> dict:
-    document, offset = self._stream.state
-    return {"step": self._step, "document": document, "offset": offset}
+    return {"step": self._step}
 
   def set_state(self, state: dict) -> None:
     self._step = state["step"]
-    self._stream.set_state((state["document"], state["offset"]))
 
 
 class WindowIterator:
@@ -72,6 +191,9 @@ class WindowIterator:
                         rows=rows)
     self._tokens = tokens
     self._step = 0
+    self.description = (f"random windows of {block_size + 1} tokens of the "
+                        f"{SPLIT_NAMES[split]} split's {len(tokens):,}")
+    self.notices = []
 
   def __next__(self) -> dict[str, np.ndarray]:
     batch = window_batch(self._tokens, index=self._step, **self._kwargs)
@@ -87,29 +209,26 @@ class WindowIterator:
 
 class Batches:
   """Batch k of one split for this process, prefetched; `get_state`/`set_state` save and restore
-  the position (a small JSON-able dict) with a checkpoint.
+  the position (a small JSON-able dict) with a checkpoint. Batch k is a pure function of k, so
+  any k costs one batch; asking for k, k+1, … in turn keeps the prefetch running.
 
-  The train loop asks for k = 0, 1, 2, … (or resumes with `set_state`); eval asks for 0 … n-1
-  every time. Any other jump replays the batches in between."""
+  `description` says what the batches are (one line); `notices` are lines worth printing once
+  (a degenerate split)."""
 
   def __init__(self, iterator, prefetch: int):
-    self._start = iterator.get_state()
+    self.description, self.notices = iterator.description, iterator.notices
     self._iterator = grain.experimental.ThreadPrefetchDatasetIterator(iterator, prefetch)
 
   def batch(self, index: int) -> dict[str, np.ndarray]:
-    step = self.get_state()["step"]
-    if index < step:
-      self.set_state(self._start)
-      step = 0
-    for _ in range(index - step):
-      next(self._iterator)
+    if index != self.get_state()["step"]:
+      self.set_state({"step": index})
     return next(self._iterator)
 
   def get_state(self) -> dict:
     return self._iterator.get_state()
 
   def set_state(self, state: dict) -> None:
-    self._iterator.set_state(state)
+    self._iterator.set_state({"step": int(state["step"])})
 
 
 def packed(corpus, split: int, **kwargs) -> PackedIterator:
@@ -131,3 +250,53 @@ def make_batches(corpus, config, split: int, batch_size: int,
       corpus, split, seed=config.seed, batch_size=batch_size,
       block_size=config.model.block_size, rows=rows)
   return Batches(iterator, config.data.prefetch)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalInfo:
+  num_batches: int  # batches the eval runs (after clamping)
+  documents: int  # distinct val documents it predicts tokens of (all batches, all processes)
+  split_documents: int  # val documents with a token to predict (two or more tokens)
+  predictions: int  # next-token predictions it makes (the eval loss's denominator)
+  split_predictions: int  # those of the whole split
+  notices: tuple[str, ...]  # one-line messages worth printing once (clamping, a degenerate split)
+
+
+class EvalBatches(collections.abc.Sequence):
+  """The eval's batches (this process's rows of each), made on demand and prefetched when
+  iterated in order."""
+
+  def __init__(self, batches: Batches, num_batches: int):
+    self._batches, self._num_batches = batches, num_batches
+
+  def __len__(self) -> int:
+    return self._num_batches
+
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    if not 0 <= index < self._num_batches:
+      raise IndexError(f"eval batch {index} of {self._num_batches}")
+    return self._batches.batch(index)
+
+
+def eval_batches(corpus, config, batch_size: int, num_batches: int,
+                 rows: slice = slice(None)) -> tuple[EvalBatches, EvalInfo]:
+  """The eval: the first `num_batches` global batches of the val split's rows of one epoch, in
+  their shuffled order (the same every call), or all of them once when `num_batches` is 0 or more
+  than the split fills (then clamped, with a notice). Rows past the split's end are padding.
+  Whatever `config.data.batching`, these are packed rows of the val documents, nothing predicted
+  across documents, so eval_loss means the same under both batchings."""
+  iterator = PackedIterator(corpus.documents(VAL), corpus.tokenizer, seed=config.seed,
+                            split=VAL, batch_size=batch_size, block_size=config.model.block_size,
+                            rows=rows, finite=True)
+  packed = iterator.packed
+  whole = -(-packed.rows_per_epoch // batch_size)
+  notices = list(packed.notices)
+  if num_batches > whole:
+    notices.append(f"config.eval_batches={num_batches} is more than the {whole} batches of "
+                   f"{batch_size} rows the val split fills; evaluating those {whole} (the whole "
+                   "split once, as eval_batches=0 does)")
+  num_batches = whole if num_batches <= 0 else min(num_batches, whole)
+  documents, predictions = packed.coverage(np.arange(num_batches * batch_size), finite=True)
+  info = EvalInfo(num_batches, len(documents), packed.num_documents, predictions,
+                  packed.predictions, tuple(notices))
+  return EvalBatches(Batches(iterator, config.data.prefetch), num_batches), info
