@@ -1,38 +1,47 @@
 from setuptools import find_packages, setup
 
+# Compatible ranges, not pins: a library shares its environment with others. Each lower bound is
+# the oldest release the test suite has passed with (Python 3.11, installed together), or the
+# first with an API bigflax calls; upper bounds only where a release is known to break. The exact
+# set CI tests lives in constraints.txt: pip install -e ".[test]" -c constraints.txt
 setup(
     name="bigflax",
     version="0.1.0",
     description="Pretrain transformer language models with JAX/Flax, from a CPU to a TPU pod.",
     packages=find_packages(include=["bigflax", "bigflax.*"]),
-    python_requires=">=3.10",
+    # jax 0.7.1, flax 0.12.0 and grain 0.2.17 (the lower bounds below) all need Python 3.11.
+    python_requires=">=3.11",
     install_requires=[
-        "jax==0.10.2",
-        "jaxlib==0.10.2",
-        "flax==0.12.8",
-        "optax==0.2.8",
-        "orbax-checkpoint==0.12.8",
-        "grain==0.2.18",
-        "array-record==0.8.6",
-        "tensorflow-datasets==4.9.10",
-        "sentencepiece==0.2.3",
-        "numpy==2.4.6",
-        "ml_collections==1.1.0",
-        "absl-py==2.5.1",
-        "tqdm==4.70.1",
-        "tensorboardX==2.6.5",
-        "matplotlib==3.11.2",
-        "safetensors==0.8.0",  # Hugging Face checkpoints (bigflax.interop), read without torch
+        "jax>=0.7.1",  # jax.set_mesh
+        "jaxlib>=0.7.1",
+        "flax>=0.12.0",
+        "optax>=0.2.5",
+        "orbax-checkpoint>=0.11.22",  # Checkpointer.metadata(...).item_metadata
+        "grain>=0.2.17",  # ThreadPrefetchDatasetIterator that takes a prefetch of 0
+        "array-record>=0.8.1",
+        # 4.9.9 and older cannot read dataset_info.json with protobuf 7 (FieldDescriptor.label).
+        "tensorflow-datasets>=4.9.10",
+        "sentencepiece>=0.2.0",
+        "numpy>=1.26",
+        "ml_collections>=1.0.0",
+        "absl-py>=2.1.0",
+        "tqdm>=4.66",
+        "tensorboardX>=2.6.2.2",  # writes the TensorBoard event files (no TensorFlow needed)
+        "matplotlib>=3.8",
+        "safetensors>=0.4.3",  # Hugging Face checkpoints (bigflax.interop), read without torch
     ],
     extras_require={
+        # The TensorBoard app itself, to view the event files a run writes: tensorboard --logdir.
+        "tensorboard": ["tensorboard>=2.20"],
         # libtpu lets `bigflax aot` compile for TPU topologies on any machine (and is what runs
-        # TPUs on a TPU VM); the tests compile for a v5e slice, so they need it too.
-        "tpu": ["libtpu==0.0.42.1"],
-        # torch and transformers build the reference models of the HF parity tests. torch is
-        # pinned exactly: its CPU wheel is on the build machines, while an unpinned torch pulls
+        # TPUs on a TPU VM); jax[tpu] picks the libtpu release that matches the installed jax.
+        "tpu": ["jax[tpu]>=0.7.1"],
+        # The tests compile for a v5e slice, so they need libtpu too; torch and transformers
+        # build the reference models of the HF parity tests. Install with constraints.txt: its
+        # exact torch has a CPU wheel on the build machines, while an unconstrained torch pulls
         # several GB of CUDA wheels.
-        "test": ["pytest==9.2.0", "portpicker==1.6.0", "libtpu==0.0.42.1", "torch==2.13.0",
-                 "transformers==5.23.0"],
+        "test": ["pytest>=8.0", "portpicker>=1.6.0", "jax[tpu]>=0.7.1", "torch>=2.13",
+                 "transformers>=5.23"],
     },
     entry_points={"console_scripts": ["bigflax=bigflax.cli:main"]},
 )

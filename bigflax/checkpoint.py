@@ -113,7 +113,7 @@ def abstract_state_item(abstract_state, mesh) -> dict:
 @jax.jit
 def _all_finite(tree):
   """Whether no float in `tree` is NaN/Inf: x·0 is 0 unless x is, and a sum keeps NaN (a max need
-  not, on CPU). About 2× faster than isfinite().all(), and a save blocks the loop for this."""
+  not, on CPU). Cheaper than isfinite().all(), and a save blocks the loop for this."""
   floats = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
   return jnp.isfinite(sum(jnp.sum(x * 0, dtype=jnp.float32) for x in floats))
 

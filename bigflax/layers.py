@@ -70,9 +70,9 @@ class Dropout(nn.Module):
   """Inverted dropout with a keep-mask of random bytes, four cut from each 32-bit random word.
 
   jax.random spends a whole threefry word per element; attention-weight masks are the largest
-  random draws in a step, and bytes make them ~3× cheaper on a CPU. The rate is rounded to a
-  multiple of 1/256 and kept values are scaled by exactly that keep probability, so expectations
-  are unchanged. Draws only along the last axis are packed, so sharded batch dims stay put."""
+  random draws in a step, and bytes make them several times cheaper on a CPU. The rate is
+  rounded to a multiple of 1/256 and kept values are scaled by exactly that keep probability, so
+  expectations are unchanged. Draws only along the last axis are packed, so sharded batch dims stay put."""
   rate: float
 
   @nn.compact

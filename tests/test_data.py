@@ -183,14 +183,95 @@ def test_block_size_larger_than_val_split_error_for_windows(tmp_path):
     data.load_corpus(data_config(tmp_path / "small.txt", batching="windows"), block_size=128)
 
 
-def test_non_utf8_char_corpus_error_says_how_to_fix(tmp_path):
+@pytest.mark.parametrize("tokenizer", ["char", "byte"])
+def test_a_corpus_that_is_not_utf8_is_named_as_the_problem(tmp_path, tokenizer):
+  # A text corpus is text, whatever the tokenizer: a Latin-1 file is left out, and then nothing is
+  # left.
   (tmp_path / "latin1.txt").write_bytes("café au lait\n".encode("latin-1") * 100)
-  with pytest.raises(data.DataError, match="not valid UTF-8.*tokenizer=byte"):
-    data.load_corpus(data_config(tmp_path / "latin1.txt", "char", batching="windows"),
-                     block_size=8)
-  # The byte tokenizer takes any bytes.
-  corpus = data.load_corpus(data_config(tmp_path / "latin1.txt", "byte"), block_size=8)
-  assert corpus.tokenizer.vocab_size == 256
+  path = tmp_path / "latin1.txt"
+  with pytest.raises(data.DataError) as error:
+    data.load_corpus(data_config(path, tokenizer, batching="windows"), block_size=8)
+  assert str(error.value) == (
+      f"config.data.path='{path}' has no UTF-8 text: skipped 1 file that is not UTF-8 text "
+      f"(first: {path}); re-encode the text as UTF-8 (e.g. iconv -f latin1 -t utf-8) or point "
+      "config.data.path at text files")
+
+
+def test_char_tokenizer_blames_a_corpus_that_is_not_utf8_not_the_prompt():
+  documents = ["café au lait\n".encode("latin-1")]
+  with pytest.raises(data.DataError, match=r"^the corpus tfds:x is not UTF-8 text \(document 0, "
+                                           r"byte 3: b'\\xe9 au'\).*tokenizer=byte$"):
+    tokenizers.CharTokenizer.of_corpus(documents, "tfds:x")
+  # A charset read from such a corpus with errors="replace" holds U+FFFD: then a prompt character
+  # it lacks is the corpus's fault.
+  text = documents[0].decode("utf-8", errors="replace")
+  tok = tokenizers.CharTokenizer(tokenizers.CharTokenizer.charset_of(text))
+  with pytest.raises(data.DataError, match=r"^the training corpus is not UTF-8 text .*so "
+                                           r"config.sample.prompt's character 'é' is not in it; "
+                                           r"re-encode the corpus as UTF-8"):
+    tok.encode("café", "config.sample.prompt")
+  tok = tokenizers.CharTokenizer("abc")
+  with pytest.raises(data.DataError, match=r"^config.sample.prompt contains the character 'é', "
+                                           r"which is not in the char tokenizer's vocabulary \(the "
+                                           r"3 characters of the training corpus\)"):
+    tok.encode("é", "config.sample.prompt")
+
+
+def test_files_that_are_not_utf8_text_are_skipped_and_counted(tmp_path):
+  write(tmp_path / "corpus", {"a.txt": "alpha\n", "c.txt": "gamma\n"})
+  (tmp_path / "corpus" / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR")
+  (tmp_path / "corpus" / "d.txt").write_text("utf-16 text\n", encoding="utf-16")  # NUL bytes
+  (tmp_path / "corpus" / "e.bin").write_bytes(bytes(range(128, 256)))
+  config = data_config(tmp_path / "corpus", val_fraction=0.01, data_dir=str(tmp_path / "tfds"))
+  corpus = data.load_corpus(config, block_size=4)
+  assert corpus.train.in_order() + corpus.val.in_order() == [b"alpha\n", b"gamma", b"\n"]
+  note = (f"(one document per file; skipped 3 files that are not UTF-8 text (first: "
+          f"{tmp_path}/corpus/b.png)) (TFDS dataset ")
+  assert note in corpus.description
+  assert note in data.load_corpus(config, block_size=4).description  # read back from the cache
+  (tmp_path / "binary").mkdir()
+  (tmp_path / "binary" / "x.bin").write_bytes(b"\0\1\2")
+  with pytest.raises(data.DataError, match=r"binary' has no UTF-8 text: skipped 1 file that is "
+                                           r"not UTF-8 text \(first: .*x.bin\); re-encode"):
+    data.load_corpus(data_config(tmp_path / "binary"), block_size=4)
+
+
+def test_a_local_build_says_one_line_and_tfds_says_nothing(tmp_path, capfd, caplog):
+  path = write(tmp_path, {"corpus.txt": "hello world\n" * 50}) / "corpus.txt"
+  config = data_config(path, data_dir=str(tmp_path / "tfds"))
+  capfd.readouterr()
+  with caplog.at_level("DEBUG"):
+    corpus = data.load_corpus(config, block_size=4)
+    out, err = capfd.readouterr()
+    dataset = corpus.description.split("(TFDS dataset ")[1].split(")")[0]
+    assert out == "" and err == f"building the local dataset (2 documents) → {dataset}\n"
+    data.load_corpus(config, block_size=4)  # cached: not a word
+    assert capfd.readouterr() == ("", "")
+  tfds_records = [r for r in caplog.records if "tensorflow_datasets" in r.pathname
+                  and r.levelno >= 30]
+  assert not tfds_records, [r.getMessage() for r in tfds_records]
+
+
+def test_a_data_dir_that_cannot_hold_the_build_is_one_data_error(tmp_path, monkeypatch):
+  path = write(tmp_path, {"corpus.txt": "hello world\n" * 50}) / "corpus.txt"
+  (tmp_path / "file").write_text("not a directory")
+  for data_dir in (tmp_path / "file", tmp_path / "file" / "tfds"):
+    with pytest.raises(data.DataError) as error:
+      data.load_corpus(data_config(path, data_dir=str(data_dir)), block_size=4)
+    assert str(error.value) == (
+        f"config.data.data_dir='{data_dir}': {tmp_path}/file is a file, not a directory; point "
+        "config.data.data_dir at a directory (it is created if missing)")
+
+  # A read-only directory (root, which runs the tests, writes anywhere: simulated).
+  def read_only(self, *args, **kwargs):
+    raise PermissionError(13, "Permission denied", f"{tmp_path}/tfds/local_text")
+  monkeypatch.setattr(text_builder.LocalText, "download_and_prepare", read_only)
+  with pytest.raises(data.DataError) as error:
+    data.load_corpus(data_config(path, data_dir=str(tmp_path / "tfds")), block_size=4)
+  assert str(error.value) == (
+      f"cannot build the local dataset in config.data.data_dir='{tmp_path}/tfds' (Permission "
+      f"denied: {tmp_path}/tfds/local_text); point config.data.data_dir at a writable directory")
+  assert not list((tmp_path / "tfds").rglob("*.json"))  # nothing half-built left to read
 
 
 def test_sentencepiece_round_trips_code_exactly_and_wraps_documents(spm_model):

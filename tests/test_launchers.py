@@ -46,8 +46,8 @@ def test_setup_copies_the_checkout_to_every_worker_and_installs_it():
                   "--zone=us-west4-a", "--worker=all"]
   assert install[:8] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "pod",
                          "--zone=us-west4-a", "--worker=all"]
-  assert install[8] == ("--command=pip install -U pip && pip install 'jax[tpu]==0.10.2' "
-                        "-e ~/bigflax")
+  assert install[8] == ('--command=pip install -U pip && pip install -e "$HOME/bigflax[tpu]" '
+                        '-c "$HOME/bigflax/constraints.txt"')
 
 
 def test_train_runs_the_same_command_on_every_worker_with_its_arguments_intact():

@@ -23,7 +23,6 @@ import sys
 RUNTIMES = {"v4": "tpu-ubuntu2204-base", "v5litepod": "v2-alpha-tpuv5-lite",
             "v5p": "v2-alpha-tpuv5", "v6e": "v2-alpha-tpuv6e"}
 REMOTE_DIR = "bigflax"  # where `setup` puts this checkout, relative to each worker's home
-JAX_TPU = "jax[tpu]==0.10.2"  # the jax the project pins, with its matching libtpu
 
 
 def runtime_of(accelerator: str) -> str:
@@ -55,7 +54,9 @@ def setup(args) -> list[list[str]]:
   """This checkout (its code and experiments) onto every worker, installed with jax for TPU."""
   copy = _tpu_vm("scp", args) + ["--recurse", args.source, f"{args.name}:~/{REMOTE_DIR}",
                                  f"--zone={args.zone}", "--worker=all"]
-  install = f"pip install -U pip && pip install {shlex.quote(JAX_TPU)} -e ~/{REMOTE_DIR}"
+  # The [tpu] extra brings the libtpu matching jax; constraints.txt holds CI's exact versions.
+  install = (f'pip install -U pip && pip install -e "$HOME/{REMOTE_DIR}[tpu]" '
+             f'-c "$HOME/{REMOTE_DIR}/constraints.txt"')
   return [copy, _on_all_workers(args, install)]
 
 

@@ -49,12 +49,10 @@ def check_config(c) -> None:
     raise ConfigError(f"config.data.prefetch must be >= 0, got {c.prefetch}")
 
 
-def _tokenizer_for(data_config, train: TextSource, val: TextSource):
+def _tokenizer_for(data_config, train: TextSource, val: TextSource, description: str):
   if data_config.tokenizer == "char" and not data_config.charset:
     # The corpus's own characters, so the char tokenizer is for corpora that fit in memory.
-    # Undecodable bytes become U+FFFD here; encoding then reports them with the fix.
-    text = b"".join(train.in_order() + val.in_order()).decode("utf-8", errors="replace")
-    return CharTokenizer(CharTokenizer.charset_of(text))
+    return CharTokenizer.of_corpus(train.in_order() + val.in_order(), description)
   return make_tokenizer(data_config)
 
 
@@ -69,7 +67,7 @@ def load_corpus(data_config, block_size: int) -> Corpus:
     if not len(documents):
       raise DataError(f"the {split} split of {description} has no documents; give more text or "
                       "(for val) raise config.data.val_fraction")
-  corpus = Corpus(train, val, _tokenizer_for(data_config, train, val),
+  corpus = Corpus(train, val, _tokenizer_for(data_config, train, val, description),
                   f"{description}: {len(train):,} train / {len(val):,} val documents")
   if data_config.batching == "windows":
     for split in (TRAIN, VAL):

@@ -145,14 +145,33 @@ class PackedRows:
     return 1 - real / total
 
 
-class PackedIterator:
+class StepIterator:
+  """Batch `step`, step after step: the whole state is the step, since a batch is a pure function
+  of it. Subclasses say how batch `step` is made (`make`)."""
+  _step = 0
+
+  def make(self, step: int) -> dict[str, np.ndarray]:
+    raise NotImplementedError
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    batch = self.make(self._step)
+    self._step += 1
+    return batch
+
+  def get_state(self) -> dict:
+    return {"step": self._step}
+
+  def set_state(self, state: dict) -> None:
+    self._step = state["step"]
+
+
+class PackedIterator(StepIterator):
   """This process's rows of every global batch of packed rows (a pure function of the step)."""
 
   def __init__(self, documents, tokenizer, *, seed: int, split: int, batch_size: int,
                block_size: int, rows: slice, finite: bool = False):
     self.packed = PackedRows(documents, tokenizer, seed=seed, split=split, block_size=block_size)
     self._batch_size, self._rows, self._finite = batch_size, rows, finite
-    self._step = 0
     spans = len(self.packed.coverage(np.arange(batch_size), finite=finite)[0])
     name = SPLIT_NAMES[split]
     self.description = (
@@ -170,19 +189,11 @@ class PackedIterator:
     """The global rows of batch `step` that this process makes."""
     return (step * self._batch_size + np.arange(self._batch_size))[self._rows]
 
-  def __next__(self) -> dict[str, np.ndarray]:
-    batch = self.packed.rows(self.indices(self._step), finite=self._finite)
-    self._step += 1
-    return batch
-
-  def get_state(self) -> dict:
-    return {"step": self._step}
-
-  def set_state(self, state: dict) -> None:
-    self._step = state["step"]
+  def make(self, step: int) -> dict[str, np.ndarray]:
+    return self.packed.rows(self.indices(step), finite=self._finite)
 
 
-class WindowIterator:
+class WindowIterator(StepIterator):
   """This process's rows of every global batch of random windows (a pure function of the step)."""
 
   def __init__(self, tokens: np.ndarray, *, seed: int, split: int, batch_size: int,
@@ -190,21 +201,12 @@ class WindowIterator:
     self._kwargs = dict(batch_size=batch_size, block_size=block_size, seed=seed, split=split,
                         rows=rows)
     self._tokens = tokens
-    self._step = 0
     self.description = (f"random windows of {block_size + 1} tokens of the "
                         f"{SPLIT_NAMES[split]} split's {len(tokens):,}")
     self.notices = []
 
-  def __next__(self) -> dict[str, np.ndarray]:
-    batch = window_batch(self._tokens, index=self._step, **self._kwargs)
-    self._step += 1
-    return batch
-
-  def get_state(self) -> dict:
-    return {"step": self._step}
-
-  def set_state(self, state: dict) -> None:
-    self._step = state["step"]
+  def make(self, step: int) -> dict[str, np.ndarray]:
+    return window_batch(self._tokens, index=step, **self._kwargs)
 
 
 class Batches:

@@ -45,17 +45,22 @@ class TextSource:
     return [r[self._feature] for r in records]
 
 
-def _local(builder, description: str) -> tuple[TextSource, TextSource, str]:
-  return (TextSource(builder.as_data_source(text_builder.TRAIN_SPLIT), "text"),
-          TextSource(builder.as_data_source(text_builder.VAL_SPLIT), "text"),
-          f"{description} (TFDS dataset {builder.data_dir})")
+def _local(builder, what: str, how: str) -> tuple[TextSource, TextSource, str]:
+  """The splits of a built local dataset; its description says what and how, and how many files
+  were skipped as not UTF-8 text."""
+  with text_builder.quiet():
+    train, val = (TextSource(builder.as_data_source(split), "text")
+                  for split in (text_builder.TRAIN_SPLIT, text_builder.VAL_SPLIT))
+  notes = "; ".join(filter(None, (how, text_builder.skipped_note(builder))))
+  return train, val, f"{what} ({notes}) (TFDS dataset {builder.data_dir})"
 
 
 def stdlib(data_config) -> tuple[TextSource, TextSource, str]:
   fraction = data_config.val_fraction
   builder = text_builder.prepare(text_builder.stdlib_spec(fraction),
-                                 lambda: sources.stdlib_split(fraction), data_config.data_dir)
-  return _local(builder, "the Python standard library's .py files, split by file")
+                                 lambda: (*sources.stdlib_split(fraction), []),
+                                 data_config.data_dir)
+  return _local(builder, "the Python standard library's .py files", "split by file")
 
 
 def text(data_config) -> tuple[TextSource, TextSource, str]:
@@ -66,7 +71,7 @@ def text(data_config) -> tuple[TextSource, TextSource, str]:
   builder = text_builder.prepare(text_builder.text_spec(c.path, c.documents, c.val_fraction),
                                  lambda: sources.text_split(c.path, c.documents, c.val_fraction),
                                  c.data_dir)
-  return _local(builder, f"{c.path} (one document per {c.documents})")
+  return _local(builder, c.path, f"one document per {c.documents}")
 
 
 def _catalog_builder(name: str, data_dir: str):
@@ -89,6 +94,11 @@ def _catalog_builder(name: str, data_dir: str):
 
 
 def catalog(data_config, name: str) -> tuple[TextSource, TextSource, str]:
+  with text_builder.quiet():
+    return _catalog(data_config, name)
+
+
+def _catalog(data_config, name: str) -> tuple[TextSource, TextSource, str]:
   c = data_config
   field = f"config.data.source='tfds:{name}'"
   builder = _catalog_builder(name, c.data_dir)

@@ -6,10 +6,14 @@ one document is: `file` (each file whole) or `paragraph` (each block of text bet
 of a file). The last `val_fraction` of the corpus's bytes, in that order, validate and the rest
 trains (nanoGPT's split of a single file); the document the cut falls in is cut in two there.
 
+A corpus is text: files that are not UTF-8 text (they do not decode, or hold NUL bytes: images,
+archives, compiled files, UTF-16) are skipped, and the corpus's description says how many.
+
 The default corpus, the Python standard library's own .py files, is split by file instead (see
 `stdlib_split`): its files are independent programs, so a hash of each path picks its side.
 """
 
+import codecs
 import glob
 import pathlib
 import re
@@ -19,6 +23,7 @@ import zlib
 from bigflax.errors import DataError
 
 DOCUMENT_UNITS = ("file", "paragraph")
+_DECODE_SLICE = 1 << 24
 _BLANK_LINES = re.compile(rb"\n(?:[ \t\r\f\v]*\n)+")
 
 
@@ -93,10 +98,55 @@ def tail_split(documents: list[bytes], val_fraction: float) -> tuple[list[bytes]
   return documents, []
 
 
-def text_split(path: str, unit: str, val_fraction: float) -> tuple[list[bytes], list[bytes]]:
-  """(train, val) documents of the local corpus at `path`."""
-  documents = [doc for file in text_files(path) for doc in split_units(file.read_bytes(), unit)]
+def is_text(raw: bytes) -> bool:
+  """Whether a file's bytes are UTF-8 text: they decode, and hold no NUL byte (which text never
+  has, while binary formats and UTF-16 text do)."""
+  if b"\0" in raw:
+    return False
+  decoder, view = codecs.getincrementaldecoder("utf-8")(), memoryview(raw)
+  try:  # in slices, so a large file is not held a second time as a str
+    for start in range(0, len(raw), _DECODE_SLICE):
+      decoder.decode(view[start:start + _DECODE_SLICE])
+    decoder.decode(b"", final=True)
+  except UnicodeDecodeError:
+    return False
+  return True
+
+
+def skipped_note(count: int, first: str) -> str:
+  """Words for the `count` files left out as not UTF-8 text, `first` the first of them ("" when
+  none were)."""
+  if not count:
+    return ""
+  files = "1 file that is" if count == 1 else f"{count:,} files that are"
+  return f"skipped {files} not UTF-8 text (first: {first})"
+
+
+def _read(file: pathlib.Path, path: str) -> bytes:
+  try:
+    return file.read_bytes()
+  except OSError as e:
+    raise DataError(f"config.data.path={path!r}: cannot read {file} ({e.strerror or e}); make it "
+                    "readable or leave it out of the path") from None
+
+
+def text_split(path: str, unit: str,
+               val_fraction: float) -> tuple[list[bytes], list[bytes], list[str]]:
+  """(train, val) documents of the local corpus at `path`, and the files skipped as not UTF-8
+  text."""
+  documents, skipped = [], []
+  for file in text_files(path):
+    raw = _read(file, path)
+    if is_text(raw):
+      documents.extend(split_units(raw, unit))
+    else:
+      skipped.append(str(file))
   if not documents:
+    if skipped:
+      note = skipped_note(len(skipped), skipped[0])
+      raise DataError(f"config.data.path={path!r} has no UTF-8 text: {note}; re-encode the "
+                      "text as UTF-8 (e.g. iconv -f latin1 -t utf-8) or point config.data.path "
+                      "at text files")
     raise DataError(f"config.data.path={path!r} is empty (no text in its files); it needs "
                     "text to train on")
-  return tail_split(documents, val_fraction)
+  return (*tail_split(documents, val_fraction), skipped)

@@ -7,49 +7,131 @@ per-head params and back. Params are converted in the unscanned layout; scanned 
 `bigflax.model.stack_layers` / `unstack_layers`.
 """
 
+import dataclasses
 import json
 import pathlib
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.flax import save_file
 
 from bigflax.interop import gpt2, llama
-from bigflax.errors import InteropError
-from bigflax.model import DTYPES, ModelConfig, stack_layers, unstack_layers
+from bigflax.errors import ConfigError, InteropError
+from bigflax.model import (DTYPES, ModelConfig, Transformer, abstract_params, stack_layers,
+                           unstack_layers)
 
 FAMILIES = {"gpt2": gpt2, "llama": llama}  # config.json's model_type → converter module
+SAME_SAVE = "config.json and the weights must come from the same save_pretrained"
 
 
-def read_tensors(directory: pathlib.Path) -> dict[str, np.ndarray]:
+def _open(file: pathlib.Path, framework: str):
+  try:
+    return safe_open(file, framework=framework)
+  except (OSError, SafetensorError) as e:
+    raise InteropError(f"{file} does not load as safetensors ({e}); save the model again with "
+                       "transformers' save_pretrained(..., safe_serialization=True)") from None
+
+
+def _tensor_files(directory: pathlib.Path) -> list[pathlib.Path]:
   files = sorted(directory.glob("*.safetensors"))
   if not files:
     raise InteropError(f"{directory} holds no *.safetensors files; save the model with "
                        "transformers' save_pretrained(..., safe_serialization=True)")
+  return files
+
+
+def tensor_shapes(directory: pathlib.Path) -> dict[str, tuple[int, ...]]:
+  """The name and shape of every tensor in the directory's *.safetensors, read from the headers
+  (no tensor is loaded)."""
+  shapes = {}
+  for file in _tensor_files(directory):
+    with _open(file, "np") as f:
+      shapes.update({name: tuple(f.get_slice(name).get_shape()) for name in f.keys()})
+  return shapes
+
+
+def read_tensors(directory: pathlib.Path) -> dict[str, np.ndarray]:
   tensors = {}
-  for file in files:
+  for file in _tensor_files(directory):
     # The flax framework reads bfloat16, which numpy alone cannot.
-    with safe_open(file, framework="flax") as f:
+    with _open(file, "flax") as f:
       tensors.update({name: np.asarray(f.get_tensor(name), np.float32) for name in f.keys()})
   return tensors
 
 
-def load_hf(directory, param_dtype: str = "float32") -> tuple[dict, dict]:
-  """(config.model fields, params in bigflax's unscanned layout) of a transformers directory."""
+def expected_shapes(family, cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+  """The tensors (by `family.canonical` name) and shapes a transformers checkpoint of `cfg`
+  holds: the family's own conversion of the model's abstract params, so nothing is allocated."""
+  cfg = dataclasses.replace(cfg, scan_layers=False)
+  params = nn.unbox(abstract_params(Transformer(cfg), 1))
+  shapes = jax.eval_shape(lambda p: family.params_to_hf(p, cfg), params)
+  return {family.canonical(name): tuple(s.shape) for name, s in shapes.items()}
+
+
+def check_tensors(directory: pathlib.Path, family, cfg: ModelConfig) -> None:
+  """An InteropError naming the first tensor that config.json asks for and the weights lack or
+  hold in another shape."""
+  stored = {family.canonical(name): shape for name, shape in tensor_shapes(directory).items()}
+  expected = expected_shapes(family, cfg)
+  missing = [name for name in expected if name not in stored]
+  if missing:
+    raise InteropError(f"the weights in {directory} lack {len(missing)} of the tensors its "
+                       f"config.json describes (first: {missing[0]}); {SAME_SAVE}")
+  wrong = [name for name, shape in expected.items() if stored[name] != shape]
+  if wrong:
+    name, differ = wrong[0], "differs" if len(wrong) == 1 else "differ"
+    raise InteropError(f"the weights in {directory} disagree with its config.json: {name} has "
+                       f"shape {list(stored[name])}, config.json implies {list(expected[name])} "
+                       f"({len(wrong)} of {len(expected)} tensors {differ}); {SAME_SAVE}")
+
+
+def read_config(directory) -> tuple[object, dict]:
+  """(converter module, config.json as a dict) of a transformers directory."""
   directory = pathlib.Path(directory)
+  if not directory.is_dir():
+    what = "is not a directory" if directory.exists() else "does not exist"
+    raise InteropError(f"{directory} {what}; give the directory transformers' save_pretrained "
+                       "wrote (config.json and *.safetensors)")
   config_path = directory / "config.json"
-  if not config_path.exists():
-    raise InteropError(f"{directory} has no config.json: not a transformers model directory")
-  hf_config = json.loads(config_path.read_text())
+  if not config_path.is_file():
+    raise InteropError(f"{directory} has no config.json: not a transformers model directory; "
+                       "give the directory transformers' save_pretrained wrote")
+  try:
+    hf_config = json.loads(config_path.read_text(encoding="utf-8"))
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise InteropError(f"{config_path} is not valid JSON ({e}); fix it or save the model "
+                       "again with save_pretrained") from None
+  if not isinstance(hf_config, dict):
+    raise InteropError(f"{config_path} holds a JSON {type(hf_config).__name__}, not an object; "
+                       "fix it or save the model again with save_pretrained")
   family = FAMILIES.get(hf_config.get("model_type"))
   if family is None:
     raise InteropError(f"model_type {hf_config.get('model_type')!r} in {config_path} is not "
                        f"supported; supported: {sorted(FAMILIES)}")
-  fields = family.config_from_hf(hf_config)
+  return family, hf_config
+
+
+def load_hf(directory, param_dtype: str = "float32") -> tuple[dict, dict]:
+  """(config.model fields, params in bigflax's unscanned layout) of a transformers directory.
+  Every problem with the directory (missing, not JSON, an unsupported model, weights that do not
+  match config.json) is an InteropError."""
+  directory = pathlib.Path(directory)
+  family, hf_config = read_config(directory)
+  config_path = directory / "config.json"
+  try:
+    fields = family.config_from_hf(hf_config)
+  except KeyError as e:
+    raise InteropError(f"{config_path} lacks {e.args[0]!r}, which a {hf_config['model_type']} "
+                       "config.json has; save the model again with save_pretrained") from None
   fields["param_dtype"] = param_dtype
-  cfg = ModelConfig(**fields)
+  try:
+    cfg = ModelConfig(**fields)
+  except ConfigError as e:
+    raise InteropError(f"{config_path} describes a model bigflax cannot build: {e}") from None
+  check_tensors(directory, family, cfg)
   params = family.params_from_hf(read_tensors(directory), cfg)
   params = jax.tree.map(lambda x: jnp.asarray(x, DTYPES[param_dtype]), params)
   return fields, params

@@ -3,6 +3,7 @@
 Its Conv1D layers store weights as [in, out], and one c_attn matrix holds query, key and value
 side by side."""
 
+import jax.numpy as jnp
 import numpy as np
 
 from bigflax.errors import InteropError
@@ -45,13 +46,24 @@ def config_to_hf(cfg) -> dict:
           "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout}
 
 
+def canonical(name: str) -> str:
+  """A tensor's name without the "transformer." prefix, which checkpoints saved from GPT2Model
+  (like the original "gpt2") lack."""
+  return name.removeprefix("transformer.")
+
+
+def _concatenate(arrays, axis=0):
+  # numpy for real tensors; jax.numpy when traced (interop.expected_shapes).
+  return (np if isinstance(arrays[0], np.ndarray) else jnp).concatenate(arrays, axis=axis)
+
+
 def _norm(tensors, name):
   return {"scale": tensors[f"{name}.weight"], "bias": tensors[f"{name}.bias"]}
 
 
 def params_from_hf(tensors: dict[str, np.ndarray], cfg) -> dict:
   # Checkpoints saved from GPT2Model (like the original "gpt2") lack the "transformer." prefix.
-  t = {k.removeprefix("transformer."): v for k, v in tensors.items()}
+  t = {canonical(k): v for k, v in tensors.items()}
   e, h, d = cfg.embed_dim, cfg.num_heads, cfg.head_dim
   params = {"token_embed": {"embedding": t["wte.weight"]},
             "position_embed": {"embedding": t["wpe.weight"]},
@@ -82,9 +94,9 @@ def params_to_hf(params, cfg) -> dict[str, np.ndarray]:
   for i in range(cfg.num_layers):
     b, p = params[f"block_{i}"], f"transformer.h.{i}."
     attn = b["attn"]
-    t[p + "attn.c_attn.weight"] = np.concatenate(
+    t[p + "attn.c_attn.weight"] = _concatenate(
         [attn[n]["kernel"].reshape(e, e) for n in ("query", "key", "value")], axis=1)
-    t[p + "attn.c_attn.bias"] = np.concatenate(
+    t[p + "attn.c_attn.bias"] = _concatenate(
         [attn[n]["bias"].reshape(e) for n in ("query", "key", "value")])
     t[p + "attn.c_proj.weight"] = attn["out"]["kernel"].reshape(e, e)
     t[p + "attn.c_proj.bias"] = attn["out"]["bias"]

@@ -57,6 +57,10 @@ def config_to_hf(cfg) -> dict:
           "rope_theta": cfg.rope_theta, "attention_dropout": cfg.dropout}
 
 
+def canonical(name: str) -> str:
+  return name
+
+
 def _heads(cfg, name):
   return cfg.num_heads if name == "query" else cfg.kv_heads
 
