@@ -29,6 +29,10 @@ setup(
         "tensorboardX>=2.6.2.2",  # writes the TensorBoard event files (no TensorFlow needed)
         "matplotlib>=3.8",
         "safetensors>=0.4.3",  # Hugging Face checkpoints (bigflax.interop), read without torch
+        # Parquet / JSON-lines shards, local or remote (bigflax.data.shards); both came with
+        # tensorflow-datasets already, now imported directly. zstd shards use pyarrow's codec.
+        "pyarrow>=26.0.1",
+        "fsspec>=2026.9.0",
     ],
     extras_require={
         # The TensorBoard app itself, to view the event files a run writes: tensorboard --logdir.

@@ -122,7 +122,7 @@ def base() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.name = ""  # experiment name; empty = the config file's stem. Default workdir: runs/<name>.
   c.seed = 0  # params init, dropout, data order: the same seed gives the same bits
-  c.steps = 600  # optimizer updates in the run
+  c.steps = 1200  # optimizer updates in the run
   # Rows (sequences of model.block_size tokens) per optimizer update, over all devices and
   # processes, microbatches included: with grad_accum_steps=k each microbatch has batch_size/k.
   c.batch_size = 16
@@ -150,15 +150,27 @@ def base() -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict()
   # "" = text when data.path is set, else stdlib (the Python standard library's .py files);
-  # text | stdlib | tfds:NAME (a prepared TFDS dataset: tfds:lm1b, tfds:c4/en:3.1.0)
+  # text | stdlib | tfds:NAME (a prepared TFDS dataset: tfds:lm1b, tfds:c4/en:3.1.0) |
+  # parquet | jsonl (shards: .jsonl, .jsonl.gz, .jsonl.zst) | cache (tools/prepare_data.py's)
   c.data.source = ""
-  c.data.path = ""  # text: a file, a directory or a glob
+  # text: a file, a directory or a glob | parquet, jsonl: a glob of shards, local or gs://… |
+  # cache: the token cache directory
+  c.data.path = ""
   c.data.download_hint = ""  # where to get data.path when it is missing (said in the error)
   c.data.documents = "file"  # text: one document per file | paragraph (blank-line separated)
   c.data.data_dir = ""  # TFDS data dir (local builds are cached there); "" = TFDS's default
   c.data.train_split = "train"  # tfds: the split that trains
   c.data.val_split = "validation"  # tfds: the split that validates
-  c.data.text_feature = "text"  # tfds: the feature holding each document's text
+  # tfds: the feature holding each document's text | parquet: the column | jsonl: the field
+  c.data.text_feature = "text"
+  # parquet, jsonl, cache, mixture sources: the last N shards (in sorted order) validate
+  c.data.val_shards = 1
+  # parquet, jsonl: a separate glob of val shards | cache: a val cache directory; "" = val_shards
+  c.data.val_path = ""
+  # "NAME=GLOB:WEIGHT;…": train on a mix of sources by weight (token shares), each a shard glob
+  # or a token cache directory, e.g. "web=/d/web/*.parquet:0.7;code=gs://b/code/*.jsonl.gz:0.3";
+  # each source's last val_shards shards validate. "" = config.data.source alone.
+  c.data.mixture = ""
   c.data.tokenizer = "byte"  # byte | char | sentencepiece
   c.data.tokenizer_model = ""  # sentencepiece: the .model file (tools/train_tokenizer.py)
   # packed: whole documents packed into rows with segment ids | windows: nanoGPT's random windows
@@ -172,8 +184,8 @@ def base() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict({f.name: f.default for f in dataclasses.fields(ModelConfig)})
 
   c.optimizer = ml_collections.ConfigDict()
-  c.optimizer.name = "adamw"  # adamw | adam | sgd
-  c.optimizer.learning_rate = 2e-3  # the peak, reached after warmup_steps
+  c.optimizer.name = "adamw"  # adamw | adam | sgd | muon (weight matrices; AdamW for the rest)
+  c.optimizer.learning_rate = 3e-3  # the peak, reached after warmup_steps
   c.optimizer.schedule = "cosine"  # cosine | exponential | constant; all after linear warmup
   c.optimizer.warmup_steps = 50  # linear warmup from 0 to learning_rate over these steps
   c.optimizer.decay_steps = 0  # cosine: steps to reach end_learning_rate; 0 = `steps`
@@ -187,6 +199,10 @@ def base() -> ml_collections.ConfigDict:
   c.optimizer.weight_decay_exclude = ("bias", "scale", "embedding")  # parameter leaf names
   c.optimizer.momentum = 0.9  # sgd; 0 = none
   c.optimizer.nesterov = False  # sgd
+  # muon: the peak learning rate of the weight matrices (on the same schedule as learning_rate,
+  # which the embeddings, norms, biases and output layer keep with AdamW)
+  c.optimizer.muon_learning_rate = 0.02
+  c.optimizer.muon_momentum = 0.95  # muon: decay of the (Nesterov) momentum it orthogonalises
   c.optimizer.clip_norm = 1.0  # global-norm gradient clipping; 0 = off
 
   # The device mesh: data × fsdp × tensor = the number of devices (bigflax/sharding.py).

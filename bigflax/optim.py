@@ -54,7 +54,70 @@ def _sgd(c, lr):
   return optax.sgd(lr, momentum=c.momentum or None, nesterov=c.nesterov)
 
 
-OPTIMIZERS = {"adamw": _adamw, "adam": _adam, "sgd": _sgd}
+# Muon's matrices: kernels of these modules, by their axes (optax.contrib.MuonDimensionNumbers).
+# Negative axes, so a scanned stack's leading `layers` axis is a batch axis: one
+# orthogonalisation per layer. Attention's [embed, heads, head_dim] and [heads, head_dim, embed]
+# kernels are the matrices [embed, heads·head_dim] and [heads·head_dim, embed].
+_MUON_AXES = {"query": (-3, (-2, -1)), "key": (-3, (-2, -1)), "value": (-3, (-2, -1)),
+              "out": ((-3, -2), -1)}
+_MUON_DEFAULT_AXES = (-2, -1)  # MLP up/gate/down and any other [in, out] kernel
+_NOT_MUON = ("lm_head",)  # the output layer stays with AdamW (as do embeddings, norms, biases)
+
+
+def muon_dimension_numbers(params):
+  """For each leaf: its optax.contrib.MuonDimensionNumbers when Muon orthogonalises it (a hidden
+  weight matrix: a ≥2-D `kernel` outside the output layer), else None (AdamW)."""
+  def spec(path, leaf):
+    names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+    if len(names) < 2 or names[-1] != "kernel" or names[-2] in _NOT_MUON:
+      return None
+    reduction, output = _MUON_AXES.get(names[-2], _MUON_DEFAULT_AXES)
+    rank = len(leaf.shape)
+    axes = [a for group in (reduction, output) for a in (group if isinstance(group, tuple)
+                                                          else (group,))]
+    if rank < max(2, len(axes)):
+      return None
+    return optax.contrib.MuonDimensionNumbers(reduction_axis=reduction, output_axis=output)
+  return jax.tree_util.tree_map_with_path(spec, params)
+
+
+def _muon(c, lr):
+  """Muon (optax.contrib.muon: momentum orthogonalised by Newton-Schulz) on the hidden weight
+  matrices, AdamW as configured on everything else. Muon's peak rate is muon_learning_rate, on
+  the same schedule; its decoupled weight decay shrinks the matrices by as much per step as
+  AdamW would (weight_decay × learning_rate)."""
+  ratio = c.muon_learning_rate / c.learning_rate
+
+  def labels(params):
+    specs = muon_dimension_numbers(params)
+    is_spec = lambda x: x is None or isinstance(x, optax.contrib.MuonDimensionNumbers)
+    if not any(s is not None for s in jax.tree.leaves(specs, is_leaf=is_spec)):
+      raise ConfigError("config.optimizer.name='muon' found no weight matrices (≥2-D kernels "
+                        "outside the output layer) to orthogonalise; use "
+                        "config.optimizer.name='adamw'")
+    return jax.tree.map(lambda s: "adamw" if s is None else "muon", specs, is_leaf=is_spec)
+
+  muon = optax.contrib.muon(
+      lambda step: lr(step) * ratio, beta=c.muon_momentum,
+      weight_decay=c.weight_decay * c.learning_rate / c.muon_learning_rate,
+      weight_decay_mask=lambda p: decay_mask(p, tuple(c.weight_decay_exclude)),
+      muon_weight_dimension_numbers=muon_dimension_numbers)
+  tx = optax.multi_transform({"muon": muon, "adamw": _adamw(c, lr)}, labels)
+  return optax.GradientTransformation(lambda params: _drop_empty_boxes(tx.init(params)),
+                                      tx.update)
+
+
+def _drop_empty_boxes(state):
+  """Each partition's state holds an empty optax MaskedNode for the other partition's leaves: from
+  boxed params, a MaskedNode inside a flax box, which would get a sharding of its own. Unboxed:
+  the same tree as the unboxed state, with no leaf there to shard."""
+  from flax.core import meta  # flax boxes the params; only their state needs it
+  return jax.tree.map(
+      lambda x: x.value if isinstance(x, meta.Partitioned) and not jax.tree.leaves(x.value)
+      else x, state, is_leaf=lambda x: isinstance(x, meta.Partitioned))
+
+
+OPTIMIZERS = {"adamw": _adamw, "adam": _adam, "sgd": _sgd, "muon": _muon}
 
 
 def learning_rate_schedule(c, steps: int) -> optax.Schedule:
@@ -84,6 +147,10 @@ def check_config(c) -> None:
   need(c.clip_norm >= 0, "config.optimizer.clip_norm must be >= 0 (0 = off)")
   need(0 <= c.b1 < 1 and 0 <= c.b2 < 1 and c.eps >= 0,
        "config.optimizer: need 0 <= b1 < 1, 0 <= b2 < 1 and eps >= 0")
+  if c.name == "muon":
+    need(c.muon_learning_rate > 0, "config.optimizer.muon_learning_rate must be positive "
+         "(Muon's peak rate for the weight matrices, e.g. 0.02)")
+    need(0 <= c.muon_momentum < 1, "config.optimizer.muon_momentum must be in [0, 1), e.g. 0.95")
 
 
 def check_schedule(c, steps: int) -> None:

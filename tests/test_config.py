@@ -32,7 +32,7 @@ from conftest import REPO
     ({"data.tokenizer": "bpe"}, "config.data.tokenizer='bpe' is unknown"),
     ({"data.val_fraction": 1.0}, r"config.data.val_fraction must be in \(0, 1\)"),
     ({"optimizer.name": "lion"}, "config.optimizer.name='lion' is unknown"),
-    ({"optimizer.warmup_steps": 600}, "the cosine schedule decays over 600 steps"),
+    ({"optimizer.warmup_steps": 1200}, "the cosine schedule decays over 1200 steps"),
     ({"mesh.rules": (("batch", "model"),)}, "maps 'batch' to 'model', which is not a mesh axis"),
 ])
 def test_each_bad_value_is_named_with_its_field(overrides, message):

@@ -5,6 +5,7 @@ import glob
 
 import numpy as np
 
+from bigflax.data import cache, mixture, shards
 from bigflax.data.pipeline import (BATCHINGS, SPLIT_NAMES, TRAIN, VAL, Batches, EvalBatches,
                                    EvalInfo, eval_batches, make_batches)
 from bigflax.data.reader import SOURCES, TextSource, open_splits
@@ -21,6 +22,7 @@ class Corpus:
   val: TextSource
   tokenizer: object
   description: str
+  mixture: list | None = None  # a mixture's train sources: [(name, weight, documents)]
   _tokens: dict = dataclasses.field(default_factory=dict, repr=False)
 
   def documents(self, split: int) -> TextSource:
@@ -47,9 +49,24 @@ def check_config(c) -> None:
     raise ConfigError(f"config.data.val_fraction must be in (0, 1), got {c.val_fraction}")
   if c.prefetch < 0:
     raise ConfigError(f"config.data.prefetch must be >= 0, got {c.prefetch}")
+  if c.val_shards < 0:
+    raise ConfigError(f"config.data.val_shards must be >= 0, got {c.val_shards}")
+  if c.mixture:
+    mixture.parse(c.mixture)
+    if c.path or c.val_path or c.source:
+      raise ConfigError("config.data.mixture names its sources itself (a shard glob's format "
+                        "comes from its file names); leave config.data.source, path and val_path "
+                        "empty")
+  if (c.mixture or c.source == "cache") and c.batching != "packed":
+    raise ConfigError(f"config.data.batching={c.batching!r} reads the whole split as one token "
+                      "array, which a token cache or mixture does not keep; use "
+                      "config.data.batching=packed")
 
 
 def _tokenizer_for(data_config, train: TextSource, val: TextSource, description: str):
+  built = getattr(train, "tokenizer", None)  # a token cache's: its charset when none is given
+  if data_config.tokenizer == "char" and not data_config.charset and built:
+    return CharTokenizer(built["charset"])
   if data_config.tokenizer == "char" and not data_config.charset:
     # The corpus's own characters, so the char tokenizer is for corpora that fit in memory.
     return CharTokenizer.of_corpus(train.in_order() + val.in_order(), description)
@@ -62,6 +79,8 @@ def load_corpus(data_config, block_size: int) -> Corpus:
   if data_config.download_hint and data_config.path and not glob.glob(data_config.path):
     raise DataError(f"config.data.path={data_config.path!r} does not exist; download it from "
                     f"{data_config.download_hint} and pass --config.data.path=FILE")
+  if data_config.mixture:
+    return _mixture_corpus(data_config)
   train, val, description = open_splits(data_config)
   for split, documents in (("train", train), ("val", val)):
     if not len(documents):
@@ -73,6 +92,39 @@ def load_corpus(data_config, block_size: int) -> Corpus:
     for split in (TRAIN, VAL):
       check_long_enough(corpus.tokens(split), block_size, SPLIT_NAMES[split])
   return corpus
+
+
+def _mixture_corpus(data_config) -> Corpus:
+  """A mixture (`config.data.mixture`): each source a shard glob or a token cache directory."""
+  c = data_config
+  parts, kinds = [], set()
+  for name, where, weight in mixture.parse(c.mixture):
+    if cache.is_cache(where):
+      train, val, description, manifest = cache.open_cache(c, where, "", c.val_shards)
+      train.tokenizer = val.tokenizer = manifest["tokenizer"]
+    else:
+      train, val, description = shards.open_shards(where, "", c.val_shards, c.text_feature,
+                                                   field=f"config.data.mixture source {name!r}")
+    kinds.add(hasattr(train, "tokens"))
+    for split, documents in (("train", train), ("val", val)):
+      if not len(documents):
+        raise DataError(f"the {split} split of mixture source {name!r} ({description}) has no "
+                        "documents; give it more shards or lower config.data.val_shards")
+    parts.append((name, weight, train, val, description))
+  built = {p[2].tokenizer["hash"] for p in parts if hasattr(p[2], "tokenizer")}
+  if len(built) > 1:
+    raise DataError("config.data.mixture: its token caches were built with different tokenizers "
+                    "(or charsets); rebuild them with one tokenizer (tools/prepare_data.py)")
+  if len(kinds) > 1:
+    raise DataError("config.data.mixture mixes token caches and raw shards; prepare every "
+                    "source with tools/prepare_data.py, or none")
+  concat = mixture.TokenConcat if kinds == {True} else mixture.Concat
+  train, val = concat([p[2] for p in parts]), concat([p[3] for p in parts])
+  if kinds == {True}:
+    train.tokenizer = parts[0][2].tokenizer
+  description = "mixture of " + "; ".join(f"{n} {w:g}: {d}" for n, w, _, _, d in parts)
+  return Corpus(train, val, _tokenizer_for(c, train, val, description), description,
+                mixture=[(n, w, t) for n, w, t, _, _ in parts])
 
 
 __all__ = ["BATCHINGS", "Batches", "Corpus", "check_config", "DOCUMENT_UNITS", "DataError", "SOURCES",

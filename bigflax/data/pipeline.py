@@ -49,6 +49,8 @@ def split_index(documents, tokenizer, source: str) -> tuple[np.ndarray, list | N
   memory; past that, rows read their documents again (the byte tokenizer's lengths are then just
   the documents' sizes)."""
   key = (id(documents), id(tokenizer))
+  if key not in _INDEXES and hasattr(documents, "token_lengths"):  # a token cache: no tokenizing
+    _INDEXES[key] = (documents, tokenizer, (documents.token_lengths(), None))
   if key not in _INDEXES:
     dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.int32
     lengths, kept, total = [], [], 0
@@ -73,8 +75,11 @@ def split_index(documents, tokenizer, source: str) -> tuple[np.ndarray, list | N
 class PackedRows:
   """Every row of one split's packing, epoch after epoch (see the module docstring)."""
 
-  def __init__(self, documents, tokenizer, *, seed: int, split: int, block_size: int):
+  def __init__(self, documents, tokenizer, *, seed: int, split: int, block_size: int,
+               source: int | None = None):
+    # source: a mixture's source number, which joins the seed of its epochs' shuffles.
     name = SPLIT_NAMES[split]
+    self._source = () if source is None else (source,)
     lengths, kept = split_index(documents, tokenizer, f"a {name}")
     self._numbers = np.flatnonzero(lengths >= 2)  # a shorter document has nothing to predict
     if not len(self._numbers):
@@ -92,18 +97,25 @@ class PackedRows:
           "documents (e.g. config.data.documents=paragraph) for batches that mix them")
     encode = lambda number: tokenizer.encode_document(documents[number],
                                                       f"a {name} document ({number})")
-    if kept is not None:
+    if hasattr(documents, "tokens"):  # a token cache: documents are their tokens
+      self._read = documents.tokens
+    elif kept is not None:
       self._read = kept.__getitem__
     elif isinstance(tokenizer, ByteTokenizer):
       self._read = encode  # reading is tokenizing
     else:  # rows come from all over the split: a cache helps only where documents repeat
       self._read = functools.lru_cache(maxsize=1024)(encode)
+    if kept is None and getattr(documents, "reads_whole_shards", False):
+      self.notices.append(
+          f"the {name} split has more than {KEEP_TOKENS:,} tokens, so rows read its documents "
+          "again, each from a whole shard: slow; tokenize it once with tools/prepare_data.py and "
+          "train from the cache (config.data.source=cache)")
     self.epoch = functools.lru_cache(maxsize=2)(self._make_epoch)  # a batch may span two
 
   def _make_epoch(self, epoch: int) -> tuple[Layout, np.ndarray]:
     """The epoch's layout and its rows in the order they are served; a last extra entry,
     rows_per_epoch, names a row of padding (a finite pass's last batch)."""
-    rng = np.random.default_rng((self._seed, self._split, epoch))
+    rng = np.random.default_rng((self._seed, self._split, epoch, *self._source))
     documents = rng.permutation(self.num_documents)
     layout = Layout(self._numbers[documents], self._lengths[documents], self.length)
     return layout, np.append(rng.permutation(self.rows_per_epoch), self.rows_per_epoch)
@@ -169,16 +181,25 @@ class PackedIterator(StepIterator):
   """This process's rows of every global batch of packed rows (a pure function of the step)."""
 
   def __init__(self, documents, tokenizer, *, seed: int, split: int, batch_size: int,
-               block_size: int, rows: slice, finite: bool = False):
-    self.packed = PackedRows(documents, tokenizer, seed=seed, split=split, block_size=block_size)
+               block_size: int, rows: slice, finite: bool = False, packed=None):
+    # `packed`: rows made elsewhere (a mixture's MixedRows) in place of the documents'.
+    self.packed = packed if packed is not None else PackedRows(
+        documents, tokenizer, seed=seed, split=split, block_size=block_size)
     self._batch_size, self._rows, self._finite = batch_size, rows, finite
     spans = len(self.packed.coverage(np.arange(batch_size), finite=finite)[0])
     name = SPLIT_NAMES[split]
-    self.description = (
-        f"packed {name} rows: {self.packed.num_documents:,} documents cut into "
-        f"{self.packed.rows_per_epoch:,} rows of {block_size + 1} tokens an epoch "
-        f"({self.packed.padding():.2%} padding); batch 0's {batch_size} rows span {spans} "
-        "documents")
+    if packed is not None:  # a mixture
+      self.description = (
+          f"mixed {name} rows of {block_size + 1} tokens from " + ", ".join(
+              f"{n} {w:.1%}" for n, w in zip(packed.names, packed.weights)) +
+          f" ({self.packed.num_documents:,} documents, {self.packed.padding():.2%} padding); "
+          f"batch 0's {batch_size} rows span {spans} documents")
+    else:
+      self.description = (
+          f"packed {name} rows: {self.packed.num_documents:,} documents cut into "
+          f"{self.packed.rows_per_epoch:,} rows of {block_size + 1} tokens an epoch "
+          f"({self.packed.padding():.2%} padding); batch 0's {batch_size} rows span {spans} "
+          "documents")
     self.notices = list(self.packed.notices)
     if 1 < self.packed.num_documents < batch_size:
       self.notices.append(
@@ -234,7 +255,15 @@ class Batches:
 
 
 def packed(corpus, split: int, **kwargs) -> PackedIterator:
-  return PackedIterator(corpus.documents(split), corpus.tokenizer, split=split, **kwargs)
+  mixed = None
+  if split == TRAIN and getattr(corpus, "mixture", None):  # [(name, weight, documents)]
+    from bigflax.data.mixture import MixedRows
+    parts = [PackedRows(documents, corpus.tokenizer, seed=kwargs["seed"], split=split,
+                        block_size=kwargs["block_size"], source=i)
+             for i, (_, _, documents) in enumerate(corpus.mixture)]
+    mixed = MixedRows(parts, [w for _, w, _ in corpus.mixture], [n for n, _, _ in corpus.mixture])
+  return PackedIterator(corpus.documents(split), corpus.tokenizer, split=split, packed=mixed,
+                        **kwargs)
 
 
 def windows(corpus, split: int, **kwargs) -> WindowIterator:

@@ -5,6 +5,8 @@
   ""                  `text` when config.data.path is set, else `stdlib`
   stdlib              the Python standard library's .py files (built into a local TFDS dataset)
   text                the local corpus at config.data.path (built into a local TFDS dataset)
+  parquet, jsonl      shards matched by the glob config.data.path, local or gs://… (`shards`)
+  cache               a token cache directory config.data.path (tools/prepare_data.py; `cache`)
   tfds:NAME           a prepared TFDS dataset, NAME as TFDS spells it: `lm1b`, `c4/en:3.1.0`;
                       splits config.data.train_split / val_split, documents in the feature
                       config.data.text_feature, files under config.data.data_dir
@@ -17,7 +19,7 @@ import importlib
 
 import tensorflow_datasets as tfds
 
-from bigflax.data import sources, text_builder
+from bigflax.data import cache, shards, sources, text_builder
 from bigflax.errors import DataError
 
 
@@ -126,7 +128,28 @@ def _catalog(data_config, name: str) -> tuple[TextSource, TextSource, str]:
           f"tfds:{name} ({builder.data_dir}), splits {c.train_split} / {c.val_split}")
 
 
-SOURCES = {"stdlib": stdlib, "text": text}
+def _sharded(file_format: str):
+  def open_source(data_config) -> tuple[TextSource, TextSource, str]:
+    c = data_config
+    if not c.path:
+      raise DataError(f"config.data.source={file_format!r} needs config.data.path: a glob of "
+                      f"{file_format} shards, local or gs://…")
+    return shards.open_shards(c.path, c.val_path, c.val_shards, c.text_feature, file_format)
+  return open_source
+
+
+def token_cache(data_config) -> tuple:
+  c = data_config
+  if not c.path:
+    raise DataError("config.data.source='cache' needs config.data.path: the directory "
+                    "tools/prepare_data.py wrote")
+  train, val, description, manifest = cache.open_cache(c, c.path, c.val_path, c.val_shards)
+  train.tokenizer = val.tokenizer = manifest["tokenizer"]
+  return train, val, description
+
+
+SOURCES = {"stdlib": stdlib, "text": text, "parquet": _sharded("parquet"),
+           "jsonl": _sharded("jsonl"), "cache": token_cache}
 
 
 def open_splits(data_config) -> tuple[TextSource, TextSource, str]:
