@@ -30,12 +30,13 @@ class Trainer:
     self.state = self.run.init_state(rng)
     self.dropout_rng = jax.random.fold_in(rng, 1)
     self._data = {}
+    self._eval = None  # (batches, info), built on first use
 
   @property
   def mesh(self):
     return self.run.mesh
 
-  def _batches(self, split: int, batch_size: int) -> data.Batches:
+  def batches(self, split: int, batch_size: int) -> data.Batches:
     """This process's rows of the global batches of `split`, built on first use."""
     key = (split, batch_size)
     if key not in self._data:
@@ -45,7 +46,7 @@ class Trainer:
 
   def local_batch(self, split: int, index: int, batch_size: int | None = None) -> dict:
     """This process's rows of global batch `index` of `split`, as numpy arrays."""
-    return self._batches(split, batch_size or self.config.batch_size).batch(index)
+    return self.batches(split, batch_size or self.config.batch_size).batch(index)
 
   def batch(self, split: int, index: int, batch_size: int | None = None) -> dict:
     """Global batch `index` of `split`, laid out over the mesh."""
@@ -55,10 +56,10 @@ class Trainer:
   def data_state(self) -> dict:
     """Where the train batches are (small, JSON-able): saved with a checkpoint, so a resumed run
     continues with the same batches at O(1) cost."""
-    return self._batches(data.TRAIN, self.config.batch_size).get_state()
+    return self.batches(data.TRAIN, self.config.batch_size).get_state()
 
   def set_data_state(self, state: dict) -> None:
-    self._batches(data.TRAIN, self.config.batch_size).set_state(state)
+    self.batches(data.TRAIN, self.config.batch_size).set_state(state)
 
   def state_item(self) -> dict:
     """What a checkpoint stores: params, optimizer state, step and dropout key."""
@@ -93,11 +94,11 @@ class Trainer:
     Packed rows of documents spread over the whole val split, `eval_batches` of them or (0) every
     val prediction once. A windows run with eval_batches > 0 keeps nanoGPT's random val windows,
     the way its recipes are measured."""
-    if not hasattr(self, "_eval"):
+    if self._eval is None:
       config, rows = self.config, sharding.process_rows(self.run.batch_sharding,
                                                         self.config.batch_size)
       if config.data.batching == "windows" and config.eval_batches:
-        val = self._batches(data.VAL, config.batch_size)
+        val = self.batches(data.VAL, config.batch_size)
         self._eval = [val.batch(i) for i in range(config.eval_batches)], None
       else:
         self._eval = data.eval_batches(self.corpus, config, config.batch_size,
@@ -281,7 +282,7 @@ def _resume(trainer: Trainer, checkpointer: checkpoint.Checkpointer, workdir: st
     rundir.trim_metrics(workdir, start)
     num_params = sum(x.size for x in jax.tree.leaves(trainer.state.params))
     print_fn(f"data: {trainer.corpus.description}")
-    batches = trainer._batches(data.TRAIN, trainer.config.batch_size)
+    batches = trainer.batches(data.TRAIN, trainer.config.batch_size)
     _, eval_info = trainer.eval_batches()
     print_fn(f"batches: {batches.description}")
     if eval_info is not None:
