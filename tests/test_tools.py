@@ -155,6 +155,24 @@ def test_bench_reports_step_time_flops_and_mfu_side_by_side(corpus_file):
                    out)
 
 
+@pytest.mark.slow
+def test_bench_against_torch_times_the_same_shape_gpt2_and_reports_the_ratio(corpus_file):
+  pytest.importorskip("torch")  # test-only dependencies: pip install -e .[test]
+  pytest.importorskip("transformers")
+  result = run_tool(
+      "tools/bench.py", "--config=experiments/shakespeare_char.py",
+      f"--config.data.path={corpus_file}", "--config.sample.prompt=line",
+      "--config.model.block_size=32", "--steps=3", "--against=torch")
+  assert result.returncode == 0, result.stderr[-2000:]
+  out = result.stdout
+  median = float(re.search(r"PyTorch .*\): median ([\d.]+) ms \(min [\d.]+, max [\d.]+\) "
+                           r"over 3 steps", out).group(1))
+  assert median > 0
+  # shakespeare_char has use_bias=False, which a GPT-2 cannot have: the report says so.
+  assert "with biases, which GPT-2 always has" in out
+  assert float(re.search(r"bigflax is ([\d.]+)× the speed of PyTorch", out).group(1)) > 0
+
+
 # train_tokenizer ------------------------------------------------------------------------------
 
 

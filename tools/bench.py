@@ -1,7 +1,7 @@
 """Train-step throughput and MFU of an experiment on this machine.
 
     python tools/bench.py --config experiments/shakespeare_char.py:baby [--config.FIELD=VALUE]
-        [--steps 20] [--compare FIELD=VALUE[,FIELD=VALUE] ...]
+        [--steps 20] [--compare FIELD=VALUE[,FIELD=VALUE] ...] [--against torch]
 
 Reports, after compilation: the median (min, max) step time over --steps steps, the training
 loop's time per step (input pipeline and dispatch included) and its overhead, tokens/s, model
@@ -13,12 +13,21 @@ model's compute dtype).
 --compare runs variants of the config side by side: their steps alternate with the base config's,
 so a shared machine's changing load hits all of them alike, and the ratio of median step times is
 what to quote (e.g. --compare model.attention_chunk=0 --compare model.dtype=bfloat16).
+
+--against torch times the same-shape GPT in PyTorch (transformers' GPT2LMHeadModel with the
+config's layers, heads, widths, vocabulary, activation, dropout and tied embeddings; torch.optim
+AdamW with the config's betas, eps and weight decay; clipping at clip_norm) on the same batches,
+its steps alternating with bigflax's, and reports its median and how many times the speed of
+PyTorch bigflax is (bfloat16 configs run torch under CPU autocast). torch and transformers are
+imported only then (test extras).
 """
 
 import copy
 import dataclasses
 import functools
+import os
 import statistics
+import sys
 import time
 
 import jax
@@ -34,6 +43,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", config_lib.__file__, lock_co
 _STEPS = flags.DEFINE_integer("steps", 20, "timed steps (after the compiling one)")
 _COMPARE = flags.DEFINE_multi_string("compare", [], "a variant to time side by side: "
                                      "comma-separated FIELD=VALUE overrides of the config")
+_AGAINST = flags.DEFINE_enum("against", None, ["torch"], "also time the same-shape GPT-2 in "
+                             "this framework, its steps alternating with bigflax's")
 
 
 @dataclasses.dataclass
@@ -74,6 +85,65 @@ class Run:
     return (time.perf_counter() - start) / steps
 
 
+class TorchRun:
+  """The config's shapes as transformers' GPT2LMHeadModel with torch.optim.AdamW, on the CPU's
+  threads, and the times of its steps."""
+
+  def __init__(self, config):
+    import torch  # pylint: disable=import-outside-toplevel
+    import transformers  # pylint: disable=import-outside-toplevel
+    m, o = config.model, config.optimizer
+    unlike = {"mlp": ("gelu", "gelu_tanh"), "norm": ("layernorm",), "positions": ("learned",)}
+    for field, allowed in unlike.items():
+      if m[field] not in allowed:
+        raise ValueError(f"--against torch builds a GPT-2, which has no config.model.{field}="
+                         f"{m[field]!r} (it has {' or '.join(allowed)})")
+    if m.num_kv_heads not in (0, m.num_heads):
+      raise ValueError("--against torch builds a GPT-2, which has no grouped-query attention "
+                       f"(config.model.num_kv_heads={m.num_kv_heads})")
+    self.torch, self.config, self.times = torch, config, []
+    torch.set_num_threads(os.cpu_count())
+    torch.manual_seed(config.seed)
+    gpt2 = transformers.GPT2Config(
+        n_layer=m.num_layers, n_head=m.num_heads, n_embd=m.embed_dim, n_positions=m.block_size,
+        vocab_size=m.vocab_size, n_inner=m.mlp_dim or 4 * m.embed_dim,
+        activation_function="gelu_new" if m.mlp == "gelu_tanh" else "gelu",
+        resid_pdrop=m.dropout, embd_pdrop=m.dropout, attn_pdrop=m.dropout,
+        layer_norm_epsilon=m.norm_eps, tie_word_embeddings=m.tie_embeddings, use_cache=False,
+        bos_token_id=None, eos_token_id=None)
+    self.model = transformers.GPT2LMHeadModel(gpt2).train()
+    self.attention = self.model.config._attn_implementation  # pylint: disable=protected-access
+    exclude = tuple(o.weight_decay_exclude)
+    def decayed(name, p):  # bigflax's leaf names: bias, scale (norms), embedding (wte, wpe)
+      return not (p.ndim < 2 or ("embedding" in exclude and (".wte." in name or ".wpe." in name)))
+    params = list(self.model.named_parameters())
+    self.optimizer = torch.optim.AdamW(
+        [{"params": [p for n, p in params if decayed(n, p)], "weight_decay": o.weight_decay},
+         {"params": [p for n, p in params if not decayed(n, p)], "weight_decay": 0.0}],
+        lr=o.learning_rate, betas=(o.b1, o.b2), eps=o.eps)
+    self.autocast = m.dtype == "bfloat16"
+
+  def batch(self, numpy_batch) -> tuple:
+    return tuple(self.torch.from_numpy(numpy_batch[k].astype("int64"))
+                 for k in ("inputs", "targets"))
+
+  def time_step(self, batch) -> None:
+    torch, (inputs, targets) = self.torch, batch
+    k = self.config.grad_accum_steps
+    start = time.perf_counter()
+    self.optimizer.zero_grad(set_to_none=True)
+    for micro_inputs, micro_targets in zip(inputs.chunk(k), targets.chunk(k)):
+      with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
+        logits = self.model(input_ids=micro_inputs).logits
+      loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1),
+                                               micro_targets.flatten())
+      (loss / k).backward()
+    if self.config.optimizer.clip_norm > 0:
+      torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optimizer.clip_norm)
+    self.optimizer.step()
+    self.times.append(time.perf_counter() - start)
+
+
 def variant(config, overrides: str):
   """config with "FIELD=VALUE,…" applied, each value read as its field's type."""
   config, changes = copy.deepcopy(config), {}
@@ -91,13 +161,24 @@ def main(argv):
   config = _CONFIG.value
   runs = [Run.build("base", config)] + [Run.build(o, variant(config, o)) for o in _COMPARE.value]
   base, m = runs[0], config.model
+  against = None
+  if _AGAINST.value == "torch":
+    try:
+      against = TorchRun(base.trainer.config)  # the resolved config: vocab_size filled in
+    except ValueError as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(1)
   tokens_per_step = config.batch_size * m.block_size
   # On a shared CPU the ceiling moves with the neighbours' load: it is measured before and after
   # the timed steps and the higher figure kept (the lower MFU).
   peak, source = hardware.peak_flops(DTYPES[m.dtype])
   batches = [[r.trainer.batch(data.TRAIN, i, config.batch_size) for r in runs]
              for i in range(_STEPS.value + 1)]
-  for step_batches in batches:  # the runs take turns, step by step
+  torch_batches = [against.batch(base.trainer.local_batch(data.TRAIN, i, config.batch_size))
+                   for i in range(_STEPS.value + 1)] if against else []
+  for i, step_batches in enumerate(batches):  # the runs take turns, step by step
+    if against:
+      against.time_step(torch_batches[i])
     for run, batch in zip(runs, step_batches):
       run.time_step(batch)
   loop = base.loop_seconds_per_step(_STEPS.value)
@@ -133,6 +214,16 @@ def main(argv):
     other = statistics.median(run.times[1:])
     print(f"side by side, {run.name}: median {other * 1e3:.1f} ms; base is "
           f"{other / median:.2f}× as fast")
+  if against:
+    theirs = statistics.median(against.times[1:])
+    biases = "" if m.use_bias else "; with biases, which GPT-2 always has (bigflax: use_bias=False)"
+    print(f"PyTorch {against.torch.__version__} (transformers GPT2LMHeadModel, "
+          f"{against.attention} attention, AdamW, {against.torch.get_num_threads()} threads"
+          f"{', bf16 autocast' if against.autocast else ''}{biases}): median "
+          f"{theirs * 1e3:.1f} ms (min {min(against.times[1:]) * 1e3:.1f}, max "
+          f"{max(against.times[1:]) * 1e3:.1f}) over {len(against.times) - 1} steps, "
+          f"first step {against.times[0] * 1e3:.1f} ms")
+    print(f"bigflax is {theirs / median:.2f}× the speed of PyTorch")
 
 
 if __name__ == "__main__":
