@@ -18,7 +18,7 @@ import re
 import jax
 
 from bigflax import flops, hardware, run as run_lib, sharding
-from bigflax.errors import UserError
+from bigflax.errors import UserError, first_line
 
 COLLECTIVE = re.compile(r"\b(all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)"
                         r"(?:-start)?\(")
@@ -60,7 +60,7 @@ def _tpu_devices(topology: str):
     return topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
   except Exception as e:  # libtpu missing, or a topology it does not know
     raise UserError(f"cannot describe TPU topology {topology!r} ({type(e).__name__}: "
-                    f"{str(e).splitlines()[0][:200]}). AOT compilation needs libtpu: "
+                    f"{first_line(e)[:200]}). AOT compilation needs libtpu: "
                     "pip install -e '.[tpu]'") from None
 
 

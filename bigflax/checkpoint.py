@@ -21,7 +21,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 from bigflax import sharding
-from bigflax.errors import CheckpointError, NonFiniteError
+from bigflax.errors import CheckpointError, NonFiniteError, first_line
 
 # Config fields a resumed run must share with its checkpoint: they fix the stored arrays' shapes
 # (model; optimizer.name and skip_nonfinite shape the optimizer state) or the data stream the run
@@ -203,7 +203,7 @@ class Checkpointer:
     offer = (f"; the older checkpoint {self.step_dir(older[-1])} is complete: move the broken one "
              f"aside (mv {where} {where}.broken) and run again to resume from step {older[-1]}"
              if older else "; no older checkpoint exists: delete it to start over")
-    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    reason = first_line(error)
     return CheckpointError(f"checkpoint {where} is corrupted or incomplete ({reason}){offer}")
 
   def wait(self) -> None:
@@ -262,7 +262,8 @@ def read_params(workdir, abstract_params, step: int | None = None) -> tuple[int,
       stored = manager.item_metadata(step)["state"]
       stored = getattr(stored, "tree", stored)["params"]
     except Exception as e:  # noqa: BLE001
-      raise CheckpointError(f"checkpoint {where} is corrupted or incomplete ({e})") from e
+      raise CheckpointError(f"checkpoint {where} is corrupted or incomplete "
+                            f"({first_line(e)})") from None
     check_shapes(stored, abstract_params, where)
     try:
       restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
@@ -271,5 +272,6 @@ def read_params(workdir, abstract_params, step: int | None = None) -> tuple[int,
                                     {"params": abstract_params}),
           partial_restore=True)))
     except Exception as e:  # noqa: BLE001
-      raise CheckpointError(f"checkpoint {where} is corrupted or incomplete ({e})") from e
+      raise CheckpointError(f"checkpoint {where} is corrupted or incomplete "
+                            f"({first_line(e)})") from None
   return step, restored["state"]["params"]

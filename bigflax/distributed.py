@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from bigflax.errors import DistributedError, UserError
+from bigflax.errors import DistributedError, UserError, first_line
 
 GOOGLE_PCI_VENDOR = "0x1ae0"  # the vendor id of TPU chips on the host's PCI bus
 
@@ -75,7 +75,7 @@ def initialize(dist_config, environ=os.environ) -> None:
     jax.distributed.initialize(**arguments, initialization_timeout=d.initialization_timeout,
                                heartbeat_timeout_seconds=d.heartbeat_timeout)
   except (RuntimeError, ValueError) as e:  # e.g. a cluster that names no coordinator
-    raise DistributedError(f"could not join the run through the {how}: {_first_line(e)}; set "
+    raise DistributedError(f"could not join the run through the {how}: {first_line(e)}; set "
                            "config.distributed.coordinator_address, num_processes and "
                            "process_id") from e
   if d.num_processes and jax.process_count() != d.num_processes:
@@ -122,11 +122,6 @@ def check_shared_workdir(workdir: str) -> None:
         f"--workdir {workdir} is not one directory shared by all hosts: process "
         f"{jax.process_index()} does not see what process 0 wrote there; put the workdir on a "
         "filesystem every host mounts (NFS, Filestore, gcsfuse)")
-
-
-def _first_line(error: Exception) -> str:
-  return next((line.strip() for line in str(error).splitlines() if line.strip()),
-              type(error).__name__)
 
 
 @contextlib.contextmanager

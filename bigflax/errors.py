@@ -4,6 +4,13 @@ The CLI prints these as one line, without a traceback; anything else is a bug an
 traceback. Each message names the problem and the fix."""
 
 
+def first_line(error: Exception) -> str:
+  """An exception as one line, for the one-line messages below: the first non-empty line of its
+  text (Orbax's, TensorStore's and TFDS's run to many), or its type when it has none."""
+  return next((line.strip() for line in str(error).splitlines() if line.strip()),
+              type(error).__name__)
+
+
 class UserError(ValueError):
   """Bad input; the message names the problem and the fix."""
 

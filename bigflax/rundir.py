@@ -19,7 +19,7 @@ import orbax.checkpoint as ocp
 from tensorboardX import SummaryWriter
 
 from bigflax import checkpoint, data
-from bigflax.errors import CheckpointError, UserError
+from bigflax.errors import CheckpointError, UserError, first_line
 from bigflax.model import ModelConfig, Transformer, abstract_params
 
 
@@ -150,21 +150,21 @@ def load_run(workdir, step: int | None = None):
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                           nn.unbox(abstract_params(model, config.model.block_size)))
   if step is None and params_dir(workdir).exists():
+    path = params_dir(workdir)
+
+    def corrupted(error):
+      return CheckpointError(f"the params export {path} is corrupted or incomplete "
+                             f"({first_line(error)}); train again or copy it anew")
     with ocp.StandardCheckpointer() as checkpointer:
-      path = params_dir(workdir)
       try:
         stored = checkpointer.metadata(path).item_metadata.tree
-      except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"the params export {path} is corrupted or incomplete "
-                              f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
-                              "train again or copy it anew") from None
+      except Exception as e:  # noqa: BLE001 - any unreadable file is reported the same way
+        raise corrupted(e) from None
       checkpoint.check_shapes(stored, abstract, path)
       try:
         params = checkpointer.restore(path, abstract)
       except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"the params export {path} is corrupted or incomplete "
-                              f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
-                              "train again or copy it anew") from None
+        raise corrupted(e) from None
   else:
     _, params = checkpoint.read_params(workdir, abstract, step)
   return config, model, params, data.make_tokenizer(config.data)

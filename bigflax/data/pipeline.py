@@ -24,6 +24,7 @@ Batches prefetch in a background thread (`config.data.prefetch` batches ahead), 
 does not wait on input.
 """
 
+import abc
 import collections.abc
 import dataclasses
 import functools
@@ -157,13 +158,14 @@ class PackedRows:
     return 1 - real / total
 
 
-class StepIterator:
+class StepIterator(abc.ABC):
   """Batch `step`, step after step: the whole state is the step, since a batch is a pure function
   of it. Subclasses say how batch `step` is made (`make`)."""
   _step = 0
 
+  @abc.abstractmethod
   def make(self, step: int) -> dict[str, np.ndarray]:
-    raise NotImplementedError
+    """This process's rows of global batch `step`."""
 
   def __next__(self) -> dict[str, np.ndarray]:
     batch = self.make(self._step)

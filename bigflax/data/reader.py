@@ -20,7 +20,7 @@ import importlib
 import tensorflow_datasets as tfds
 
 from bigflax.data import cache, shards, sources, text_builder
-from bigflax.errors import DataError
+from bigflax.errors import DataError, first_line
 
 
 TEXT_CATEGORIES = ("text", "summarization", "translate", "question_answering",
@@ -92,7 +92,7 @@ def _catalog_builder(name: str, data_dir: str):
     raise DataError(f"{field}: TFDS has no dataset named {base!r}{hint}; see "
                     "tfds.list_builders() for the catalog") from None
   except (ValueError, AssertionError) as e:  # an unknown config or version of a known dataset
-    raise DataError(f"{field}: {str(e).splitlines()[0]}") from None
+    raise DataError(f"{field}: {first_line(e)}") from None
 
 
 def catalog(data_config, name: str) -> tuple[TextSource, TextSource, str]:

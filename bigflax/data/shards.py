@@ -29,7 +29,7 @@ import threading
 import fsspec
 import numpy as np
 
-from bigflax.errors import DataError
+from bigflax.errors import DataError, first_line
 
 FORMATS = ("parquet", "jsonl")
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json", ".json.gz", ".json.zst")
@@ -86,7 +86,7 @@ def _parquet_file(url: str, handle):
   try:
     return pq.ParquetFile(handle)
   except (pa.ArrowInvalid, OSError) as e:
-    raise DataError(f"{url} is not a parquet file ({str(e).splitlines()[0]}); give "
+    raise DataError(f"{url} is not a parquet file ({first_line(e)}); give "
                     "config.data.source=jsonl for JSON lines, or remove the file from the glob"
                     ) from None
 
@@ -131,7 +131,7 @@ def _decompressed(url: str, raw: bytes) -> bytes:
       with pa.CompressedInputStream(pa.BufferReader(raw), "zstd") as stream:
         return stream.read()
     except (pa.ArrowInvalid, OSError) as e:
-      raise DataError(f"{url} is not zstd data ({str(e).splitlines()[0]}); rename it or "
+      raise DataError(f"{url} is not zstd data ({first_line(e)}); rename it or "
                       "recompress it") from None
   return raw
 

@@ -15,7 +15,7 @@ import uuid
 import numpy as np
 import sentencepiece as spm
 
-from bigflax.errors import DataError
+from bigflax.errors import DataError, first_line
 
 _REPLACEMENT = "\ufffd"  # what bytes that are not UTF-8 decode to with errors="replace"
 
@@ -174,8 +174,7 @@ def _training_error(error: RuntimeError, character_coverage: float) -> DataError
                      "text")
   if "sentences_.empty()" in message:
     return DataError("the corpus has no text to train a tokenizer on; give it some text")
-  detail = message.strip().splitlines()[0] if message.strip() else type(error).__name__
-  return DataError(f"sentencepiece could not train on this corpus ({detail})")
+  return DataError(f"sentencepiece could not train on this corpus ({first_line(error)})")
 
 
 def train_sentencepiece(documents, model_path: str, *, vocab_size: int, model_type: str,
