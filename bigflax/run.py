@@ -118,6 +118,13 @@ def eval_step(state: TrainState, batch):
   return {"loss_sum": loss * n, "correct": metrics["accuracy"] * n, "num_tokens": n}
 
 
+def eval_summary(totals: dict) -> dict[str, float]:
+  """eval_step's outputs summed over an eval's batches → its metrics (token means)."""
+  loss = float(totals["loss_sum"]) / max(float(totals["num_tokens"]), 1.0)
+  return {"loss": loss, "perplexity": float(np.exp(loss)),
+          "accuracy": float(totals["correct"]) / max(float(totals["num_tokens"]), 1.0)}
+
+
 def make_optimizer(config) -> optax.GradientTransformation:
   tx = optim.make_optimizer(config.optimizer, config.steps)
   if config.skip_nonfinite:  # a NaN/Inf gradient leaves params and optimizer state as they were

@@ -114,10 +114,8 @@ class Trainer:
       for batch in batches:
         totals.append(self.run.eval_step(
             self.state, sharding.global_batch(batch, self.run.batch_sharding)))
-    totals = {k: sum(float(t[k]) for t in totals) for k in totals[0]}
-    eval_loss = totals["loss_sum"] / totals["num_tokens"]
-    record = {"eval_loss": eval_loss, "eval_perplexity": float(np.exp(eval_loss)),
-              "eval_accuracy": totals["correct"] / totals["num_tokens"]}
+    totals = jax.tree.map(lambda *xs: sum(np.asarray(x, np.float64) for x in xs), *totals)
+    record = {f"eval_{k}": v for k, v in run_lib.eval_summary(totals).items()}
     if info is not None:
       record["eval_documents"] = info.documents
     return record
