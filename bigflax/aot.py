@@ -4,7 +4,8 @@ Compiles the real train step (same model, optimizer, mesh and logical rules as `
 for a TPU topology described by libtpu — no TPU needed — and reads the per-device memory the
 compiler planned, the FLOPs it counted and the collectives it inserted. When the step does not
 fit in HBM it compiles a few variants (more FSDP, rematerialisation, smaller microbatches) and
-reports the ones that do.
+reports the ones that do. It also lists the largest temporary buffers of the compiler's buffer
+assignment, with the op that makes each, so a user sees which activation to shrink.
 """
 
 import collections
@@ -13,7 +14,9 @@ import dataclasses
 import functools
 import math
 import os
+import pathlib
 import re
+import tempfile
 
 import jax
 
@@ -22,6 +25,10 @@ from bigflax.errors import UserError, first_line
 
 COLLECTIVE = re.compile(r"\b(all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)"
                         r"(?:-start)?\(")
+# The buffer assignment XLA dumps: an allocation header, then one line per HLO value it holds.
+ALLOCATION = re.compile(r"^allocation \d+: size \d+, (.*)$")
+VALUE = re.compile(r"^ value: <\d+ ([^ ]+?)(?:\{[^}]*\})? @\d+> \(size=(\d+),offset=(\d+)\): (.*)$")
+OP_NAME = re.compile(r"^\s*(?:ROOT )?%([^ ]+) = .*?metadata=\{op_name=\"([^\"]*)\"", re.MULTILINE)
 
 
 def _grid(chips: int, rank: int) -> str:
@@ -51,9 +58,11 @@ def topology_name(name: str) -> str:
 
 
 def _tpu_devices(topology: str):
-  # libtpu describes the topology without a TPU; these keep it from probing for real hardware.
+  # libtpu describes the topology without a TPU; these keep it from probing for real hardware,
+  # and from locking it: AOT compiles touch no chip, so several may run at once.
   for key, value in {"TPU_SKIP_MDS_QUERY": "1", "TPU_ACCELERATOR_TYPE": "v5litepod-4",
-                     "TPU_WORKER_HOSTNAMES": "localhost", "TPU_WORKER_ID": "0"}.items():
+                     "TPU_WORKER_HOSTNAMES": "localhost", "TPU_WORKER_ID": "0",
+                     "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}.items():
     os.environ.setdefault(key, value)
   try:
     from jax.experimental import topologies
@@ -81,6 +90,7 @@ class Plan:
   collectives: dict
   scanned: bool = False  # config.model.scan_layers
   out_of_memory: str = ""  # the TPU compiler's own refusal, when it ran out of HBM
+  largest_temps: list = dataclasses.field(default_factory=list)  # TempBuffers, largest first
 
   @property
   def total_bytes(self) -> int:
@@ -89,6 +99,47 @@ class Plan:
   @property
   def fits(self) -> bool:
     return not self.out_of_memory and self.total_bytes <= self.hbm_bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class TempBuffer:
+  """One buffer in the compiler's temporary (activation) memory."""
+  bytes: int
+  shape: str  # dtype[dims], e.g. bf16[4,4096,4096]
+  instruction: str  # the HLO instruction that writes it
+  op: str  # the JAX op it came from (the HLO metadata's op_name), "" if XLA made it up
+
+
+def largest_temporaries(buffer_assignment: str, hlo_text: str, count: int = 5) -> list:
+  """The `count` largest buffers of the default memory space's temporary allocation, from the
+  buffer assignment XLA dumps and the optimized HLO (which names each instruction's JAX op).
+
+  Values at the same offset and size are one buffer (updated in place, or reused once the first
+  is dead): it is listed once, by the first value that names a JAX op."""
+  ops = dict(OP_NAME.findall(hlo_text))
+  buffers, in_temp = {}, False
+  for line in buffer_assignment.splitlines():
+    header = ALLOCATION.match(line)
+    if header:  # other colors are other memory spaces (on-chip VMEM, semaphores), not HBM
+      in_temp = header.group(1) == "preallocated-temp:"
+      continue
+    value = VALUE.match(line) if in_temp else None
+    if value and not value.group(4).startswith("("):  # a tuple's own buffer is a pointer table
+      name, size, offset, shape = value.groups()
+      if not buffers.get((offset, size), TempBuffer(0, "", "", "")).op:
+        buffers[offset, size] = TempBuffer(int(size), re.sub(r"\{[^}]*\}", "", shape), name,
+                                           ops.get(name, ""))
+  return sorted(buffers.values(), key=lambda b: -b.bytes)[:count]
+
+
+def _compile(lowered):
+  """(the executable, its buffer assignment as text): XLA writes the assignment only to a dump
+  directory, so the compile dumps into a temporary one, read and deleted here."""
+  with tempfile.TemporaryDirectory() as dump:
+    compiled = lowered.compile(compiler_options={"xla_dump_to": dump,
+                                                 "xla_dump_hlo_as_text": True})
+    found = sorted(pathlib.Path(dump).glob("*after_optimizations-buffer-assignment.txt"))
+    return compiled, found[-1].read_text() if found else ""
 
 
 def lower(config, devices):
@@ -117,7 +168,7 @@ def compile_plan(config, topology: str, changes: dict | None = None) -> Plan:
                            model_flops_per_device=model_flops,
                            scanned=config.model.scan_layers)
   try:
-    compiled = lowered.compile()
+    compiled, buffer_assignment = _compile(lowered)
   except jax.errors.JaxRuntimeError as e:
     if "RESOURCE_EXHAUSTED" not in str(e):
       raise
@@ -126,6 +177,7 @@ def compile_plan(config, topology: str, changes: dict | None = None) -> Plan:
                 flops_per_device=float("nan"), collectives={},
                 out_of_memory=str(e).split("RESOURCE_EXHAUSTED:")[-1].strip().splitlines()[0])
   memory = compiled.memory_analysis()
+  hlo_text = compiled.as_text()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
   return plan(
@@ -133,7 +185,8 @@ def compile_plan(config, topology: str, changes: dict | None = None) -> Plan:
       output_bytes=memory.output_size_in_bytes, alias_bytes=memory.alias_size_in_bytes,
       temp_bytes=memory.temp_size_in_bytes, hbm_bytes=chip.hbm_bytes if chip else 0,
       flops_per_device=cost["flops"],
-      collectives=dict(collections.Counter(COLLECTIVE.findall(compiled.as_text()))))
+      largest_temps=largest_temporaries(buffer_assignment, hlo_text),
+      collectives=dict(collections.Counter(COLLECTIVE.findall(hlo_text))))
 
 
 def alternatives(config) -> list[dict]:
@@ -154,6 +207,10 @@ def _gib(n: int) -> str:
   return f"{n / 2**30:,.2f} GiB"
 
 
+def _size(n: int) -> str:
+  return f"{n / 2**30:,.2f} GiB" if n >= 2**30 else f"{n / 2**20:,.1f} MiB"
+
+
 def describe(plan: Plan) -> str:
   header = (f"topology {plan.topology}: {math.prod(plan.mesh.values())} × {plan.device_kind}, "
             f"mesh {plan.mesh}")
@@ -171,6 +228,9 @@ def describe(plan: Plan) -> str:
       f"(6·N + 12·L·T·d); XLA cost analysis {plan.flops_per_device:.4g}"
       + (" (counts the scanned layer loop once)" if plan.scanned else ""),
       f"collectives: {collectives}",
+      *([f"largest temporaries ({len(plan.largest_temps)}):"] if plan.largest_temps else []),
+      *(f"  {_size(b.bytes):>10}  {b.shape}  {b.instruction}" + (f"  ← {b.op}" if b.op else "")
+        for b in plan.largest_temps),
   ])
 
 

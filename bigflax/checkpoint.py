@@ -28,8 +28,8 @@ from bigflax.errors import CheckpointError, NonFiniteError, first_line
 # continues (data, batch_size, seed). Anything else (steps, learning rate, mesh, …) may change.
 RESUME_FIXED_FIELDS = ("model", "data", "batch_size", "seed", "optimizer.name", "skip_nonfinite")
 # ... except these, which change how fast or where, not what is stored or read.
-RESUME_FREE_FIELDS = ("model.dtype", "model.remat", "model.attention_chunk", "data.prefetch",
-                      "data.data_dir", "data.download_hint")
+RESUME_FREE_FIELDS = ("model.dtype", "model.remat", "model.attention_chunk", "model.attention",
+                      "data.prefetch", "data.data_dir", "data.download_hint")
 _MAX_LISTED = 12  # differences listed in an error before "… and N more"
 
 

@@ -58,10 +58,25 @@ class ModelConfig:
   # Causal attention in chunks of this many queries, each reading only the keys up to its end:
   # the fully masked blocks are never computed. 0 = all queries at once (one masked square).
   attention_chunk: int = 0
+  # How attention is computed (bigflax.attention): xla (einsums; dropout, decoding, any device) |
+  # flash (JAX's fused kernel: Pallas splash on TPU, cuDNN on GPU; no [length, length] scores in
+  # memory, no attention dropout) | auto (flash where a kernel fits, else xla) | flash_interpret
+  # (the TPU kernel in the Pallas interpreter, any device: slow, for tests)
+  attention: str = "auto"
   # Compute dtype of activations and matmul inputs: float32 | bfloat16. Matmuls accumulate in
   # f32, and attention scores, softmax, logits and the loss are f32 whatever this is.
   dtype: str = "float32"
   param_dtype: str = "float32"  # storage dtype of the params (and so of the optimizer state)
+  # True: each token attends to the earlier tokens of its segment (a decoder, GPT); False: to
+  # every token of its segment (a bidirectional encoder, BERT; config.objective=mlm).
+  causal: bool = True
+  # > 0: a classifier (config.task=classify) of this many labels replaces the LM head, reading the
+  # last real token's final state (causal) or the first token's (bidirectional). 0 = the LM head.
+  num_labels: int = 0
+  # LoRA adapters: set from config.finetune (not config.model; see FINETUNE_FIELDS).
+  lora_rank: int = 0
+  lora_alpha: float = 16.0
+  lora_targets: tuple[str, ...] = ("query", "value")
 
   def __post_init__(self):
     def need(ok, message):
@@ -85,20 +100,71 @@ class ModelConfig:
          "dimension (config.model.embed_dim / config.model.num_heads)")
     need(self.norm_eps > 0 and self.rope_theta > 0,
          "config.model.norm_eps and config.model.rope_theta must be positive")
+    need(self.causal or not self.attention_chunk,
+         "config.model.attention_chunk skips the keys after each chunk, which a bidirectional "
+         "model (config.model.causal=False) reads; set config.model.attention_chunk=0")
+    need(not (self.attention.startswith("flash") and self.dropout),
+         f"config.model.attention={self.attention!r} cannot drop attention weights inside the "
+         "fused kernel; set config.model.dropout=0, or attention=auto (xla while training "
+         "with dropout)")
+    need(self.num_labels >= 0, f"config.model.num_labels must be >= 0 (0 = the LM head), got "
+         f"{self.num_labels}")
     object.__setattr__(self, "mlp_dim", self.mlp_dim or 4 * self.embed_dim)  # resolve the 0
+    object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+    if self.lora_rank:
+      self._check_lora()
+
+  def _check_lora(self):
+    widths = self.projection_widths
+    need = _check
+    need(self.lora_rank > 0, f"config.finetune.lora_rank must be >= 0 (0 = off), got "
+         f"{self.lora_rank}")
+    need(self.lora_alpha > 0, f"config.finetune.lora_alpha must be positive, got "
+         f"{self.lora_alpha}")
+    need(bool(self.lora_targets), "config.finetune.lora_targets is empty; name the projections "
+         f"to adapt, among {tuple(widths)}")
+    for name in self.lora_targets:
+      need(name in widths, f"config.finetune.lora_targets names {name!r}, which is no "
+           f"projection; choose among {tuple(widths)}")
+      need(self.lora_rank <= min(widths[name]),
+           f"config.finetune.lora_rank={self.lora_rank} exceeds the {name} projection's width "
+           f"{min(widths[name])} ({widths[name][0]} → {widths[name][1]}); lower the rank or drop "
+           f"{name!r} from config.finetune.lora_targets")
+
+  @property
+  def projection_widths(self) -> dict[str, tuple[int, int]]:
+    """Each projection LoRA can adapt → (input width, output width)."""
+    e, m, q, kv = self.embed_dim, self.mlp_dim, self.embed_dim, self.kv_heads * self.head_dim
+    return {"query": (e, q), "key": (e, kv), "value": (e, kv), "out": (q, e), "up": (e, m),
+            "gate": (e, m), "down": (m, e)}
 
   @property
   def head_dim(self) -> int:
     return self.embed_dim // self.num_heads
 
   @property
+  def generates(self) -> bool:
+    """Whether the model continues text: a causal LM (not an encoder, not a classifier)."""
+    return self.causal and not self.num_labels
+
+  @property
   def kv_heads(self) -> int:
     return self.num_kv_heads or self.num_heads
 
   @classmethod
-  def from_config(cls, model_config) -> "ModelConfig":
-    """From `config.model` (a ConfigDict or a dict), checked."""
-    return cls(**{f.name: model_config[f.name] for f in dataclasses.fields(cls)})
+  def from_config(cls, model_config, finetune=None) -> "ModelConfig":
+    """From `config.model` (a ConfigDict or a dict) and, for the LoRA adapters,
+    `config.finetune` (None: no adapters), checked."""
+    fields = {f.name: model_config[f.name] for f in dataclasses.fields(cls)
+              if f.name not in FINETUNE_FIELDS}
+    if finetune is not None:
+      fields.update({name: finetune[name] for name in FINETUNE_FIELDS})
+    return cls(**fields)
+
+
+# ModelConfig's fields that config.finetune sets (the adapters belong to fine-tuning, not to the
+# architecture a run exports: a merged export has none).
+FINETUNE_FIELDS = ("lora_rank", "lora_alpha", "lora_targets")
 
 
 # Logical axis → mesh axes (config.mesh.rules). A logical name may map to several mesh axes; within
@@ -115,6 +181,7 @@ DEFAULT_RULES = (
     ("mlp", "tensor"),
     ("vocab", "tensor"),
     ("layers", None),
+    ("lora", None),  # a LoRA adapter's rank: small, never split
 )
 
 
@@ -122,6 +189,10 @@ def base() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.name = ""  # experiment name; empty = the config file's stem. Default workdir: runs/<name>.
   c.seed = 0  # params init, dropout, data order: the same seed gives the same bits
+  # Start from trained params instead of an init: a bigflax run directory (its params/ export,
+  # or checkpoint STEP with "DIR:STEP") or a Hugging Face directory (GPT-2/Llama safetensors).
+  # The model and tokenizer fields come from there; step 0 with a fresh optimizer. "" = off.
+  c.init_from = ""
   c.steps = 1200  # optimizer updates in the run
   # Rows (sequences of model.block_size tokens) per optimizer update, over all devices and
   # processes, microbatches included: with grad_accum_steps=k each microbatch has batch_size/k.
@@ -132,10 +203,49 @@ def base() -> ml_collections.ConfigDict:
   # Weight of the z-loss, mean log²Z of the softmax normalizer (PaLM: 1e-4); keeps logits from
   # drifting. 0 = off.
   c.z_loss = 0.0
+  # lm: a language model (config.objective) | classify: a label per example (model.num_labels)
+  c.task = "lm"
+  # lm: next_token (a causal decoder) | mlm (BERT's masked LM; needs model.causal=False)
+  c.objective = "next_token"
+  c.mlm = ml_collections.ConfigDict()
+  c.mlm.mask_rate = 0.15  # the share of real tokens chosen for prediction (the loss reads those)
+  c.mlm.mask_fraction = 0.8  # of the chosen: replaced by [MASK]
+  c.mlm.random_fraction = 0.1  # of the chosen: replaced by a random token (the rest unchanged)
+  # The [MASK] id: filled in by run.resolve (the first id past the tokenizer's); leave -1.
+  c.mlm.mask_token_id = -1
+  c.finetune = ml_collections.ConfigDict()
+  # all | lora (the adapters, plus the classifier when task=classify) | head (the classifier
+  # only); "" = lora when finetune.lora_rank > 0, else all. Frozen params get no optimizer state.
+  c.finetune.trainable = ""
+  # LoRA adapters' rank on the projections lora_targets names; 0 = off (Hu et al. 2021)
+  c.finetune.lora_rank = ModelConfig.lora_rank
+  c.finetune.lora_alpha = ModelConfig.lora_alpha  # adapters scale by lora_alpha / lora_rank
+  # Projections that get adapters: query, key, value, out (attention), up, gate, down (MLP)
+  c.finetune.lora_targets = ModelConfig.lora_targets
   c.log_every = 10  # steps between train records (metrics.jsonl, TensorBoard, progress bar)
   c.eval_every = 200  # steps between evaluations (and one at the end)
   # Val batches per evaluation (the same ones every time); 0 = every val token once.
   c.eval_batches = 20
+
+  # What each evaluation measures besides the run's own val split (bigflax/evaluation/).
+  c.eval = ml_collections.ConfigDict()
+  # Named eval sets, ";"-separated, each evaluated every eval_every steps over eval_batches
+  # batches (0 = all of it once): loss, perplexity, accuracy and bits per byte. `val` = the run's
+  # own val split (logged as eval_loss, eval_bpb, …); NAME=KIND:WHERE (logged as eval/NAME/loss,
+  # …) = every document of a source, read with config.data's other settings and the model's
+  # tokenizer: text:PATH (file, directory or glob) | jsonl:GLOB | parquet:GLOB | cache:DIR (a
+  # token cache of the model's tokenizer) | sft:PATH | tfds:NAME[:VERSION]:SPLIT, e.g.
+  # "val;shakespeare=text:/d/tiny.txt;c4=tfds:c4/en:3.1.0:validation"
+  c.eval.sets = "val"
+  # lm-evaluation-harness tasks run during training ("hellaswag,lambada_openai"; needs
+  # `pip install bigflax[eval]`), logged as harness/TASK/METRIC; "" = off.
+  c.eval.harness_tasks = ""
+  c.eval.harness_every = 0  # steps between harness runs (and one at the end); 0 = eval_every
+  c.eval.harness_limit = 0  # examples per harness task; 0 = all
+  c.eval.harness_batch_size = 0  # rows per harness forward pass; 0 = config.batch_size
+  # A directory of lm-eval task YAML files besides lm_eval's own (local, offline tasks); "" = none
+  c.eval.harness_include = ""
+
   # Checkpoints (WORKDIR/checkpoints/<step>/, Orbax, async) every checkpoint_every steps, at the
   # end and on SIGTERM/SIGINT; 0 = only then. `bigflax train` resumes from the latest one.
   c.checkpoint_every = 100
@@ -151,10 +261,11 @@ def base() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   # "" = text when data.path is set, else stdlib (the Python standard library's .py files);
   # text | stdlib | tfds:NAME (a prepared TFDS dataset: tfds:lm1b, tfds:c4/en:3.1.0) |
-  # parquet | jsonl (shards: .jsonl, .jsonl.gz, .jsonl.zst) | cache (tools/prepare_data.py's)
+  # parquet | jsonl (shards: .jsonl, .jsonl.gz, .jsonl.zst) | cache (tools/prepare_data.py's) |
+  # sft (fine-tuning examples: prompt/completion or messages, the loss on the answers only)
   c.data.source = ""
   # text: a file, a directory or a glob | parquet, jsonl: a glob of shards, local or gs://… |
-  # cache: the token cache directory
+  # cache: the token cache directory | sft, and task=classify: JSON lines or CSV examples
   c.data.path = ""
   c.data.download_hint = ""  # where to get data.path when it is missing (said in the error)
   c.data.documents = "file"  # text: one document per file | paragraph (blank-line separated)
@@ -165,23 +276,32 @@ def base() -> ml_collections.ConfigDict:
   c.data.text_feature = "text"
   # parquet, jsonl, cache, mixture sources: the last N shards (in sorted order) validate
   c.data.val_shards = 1
-  # parquet, jsonl: a separate glob of val shards | cache: a val cache directory; "" = val_shards
+  # parquet, jsonl: a separate glob of val shards | cache: a val cache directory | sft,
+  # task=classify: val examples; "" = val_shards (sft, classify: the last val_fraction examples)
   c.data.val_path = ""
   # "NAME=GLOB:WEIGHT;…": train on a mix of sources by weight (token shares), each a shard glob
   # or a token cache directory, e.g. "web=/d/web/*.parquet:0.7;code=gs://b/code/*.jsonl.gz:0.3";
   # each source's last val_shards shards validate. "" = config.data.source alone.
   c.data.mixture = ""
-  c.data.tokenizer = "byte"  # byte | char | sentencepiece
-  c.data.tokenizer_model = ""  # sentencepiece: the .model file (tools/train_tokenizer.py)
+  # byte | char | sentencepiece | hf (a Hugging Face tokenizer.json, e.g. an imported GPT-2's)
+  c.data.tokenizer = "byte"
+  # sentencepiece: the .model file (tools/train_tokenizer.py) | hf: the directory holding
+  # tokenizer.json (and tokenizer_config.json: special tokens, chat template)
+  c.data.tokenizer_model = ""
   # packed: whole documents packed into rows with segment ids | windows: nanoGPT's random windows
   c.data.batching = "packed"
   c.data.prefetch = 2  # batches prepared ahead in a background thread; 0 = none
-  c.data.val_fraction = 0.1  # text and stdlib: the share of the corpus that validates
+  # text and stdlib: the share of the corpus that validates | sft, classify: of the examples
+  c.data.val_fraction = 0.1
   # Filled in from the corpus when empty (char tokenizer): the sorted distinct characters.
   c.data.charset = ""
+  # task=classify: the label of each class id. Filled in from the training examples when empty
+  # (their sorted distinct labels); a label outside it at eval or predict time is an error.
+  c.data.labels = ()
 
   # Every field and default of the model lives in ModelConfig above (one source for both).
-  c.model = ml_collections.ConfigDict({f.name: f.default for f in dataclasses.fields(ModelConfig)})
+  c.model = ml_collections.ConfigDict({f.name: f.default for f in dataclasses.fields(ModelConfig)
+                                       if f.name not in FINETUNE_FIELDS})
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "adamw"  # adamw | adam | sgd | muon (weight matrices; AdamW for the rest)
@@ -228,6 +348,15 @@ def base() -> ml_collections.ConfigDict:
   c.sample.temperature = 0.8  # softmax temperature; 0 = greedy
   c.sample.top_k = 0  # keep the k most likely tokens; 0 = off
   c.sample.top_p = 1.0  # nucleus: the smallest set of tokens with this much probability; 1 = off
+
+  # Tracking besides metrics.jsonl and TensorBoard: Weights & Biases gets the same scalars and the
+  # config (pip install "bigflax[wandb]"; WANDB_MODE=offline logs to WORKDIR/wandb/ without a
+  # network, for `wandb sync` later).
+  c.metrics = ml_collections.ConfigDict()
+  c.metrics.wandb_project = ""  # the W&B project to log to; "" = off
+  c.metrics.wandb_entity = ""  # the W&B team or user owning the project; "" = your default
+  c.metrics.wandb_name = ""  # the run's name in W&B; "" = the workdir's name
+  c.metrics.wandb_tags = ()  # the run's W&B tags, e.g. ("baseline", "shakespeare")
   return c
 
 
@@ -253,6 +382,12 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _check(value > 0, f"config.{key} must be a positive integer, got {value}")
   _check(c.eval_batches >= 0, f"config.eval_batches must be >= 0 (0 = the whole val split), "
          f"got {c.eval_batches}")
+  for key in ("harness_every", "harness_limit", "harness_batch_size"):
+    _check(c.eval[key] >= 0, f"config.eval.{key} must be >= 0 (0 = the default), got "
+           f"{c.eval[key]}")
+  _check(bool(c.eval.sets.strip()) or bool(c.eval.harness_tasks.strip()),
+         "config.eval.sets is empty and no harness task is set: an evaluation would measure "
+         "nothing; give config.eval.sets (e.g. 'val')")
   _check(c.checkpoint_every >= 0 and c.keep_every >= 0 and c.keep_checkpoints > 0,
          "config.checkpoint_every and config.keep_every must be >= 0 and "
          "config.keep_checkpoints > 0")
@@ -268,11 +403,24 @@ def validate(c: ml_collections.ConfigDict) -> None:
          f"num_processes, got num_processes={d.num_processes}, process_id={d.process_id}")
   _check(d.initialization_timeout > 0 and d.heartbeat_timeout > 0,
          "config.distributed.initialization_timeout and heartbeat_timeout must be positive")
+  _check_metrics(c)
   s = c.sample
   _check(s.temperature >= 0, f"config.sample.temperature must be >= 0 (0 = greedy), got "
          f"{s.temperature}")
   _check(s.top_k >= 0, f"config.sample.top_k must be >= 0 (0 = off), got {s.top_k}")
   _check(0.0 < s.top_p <= 1.0, f"config.sample.top_p must be in (0, 1] (1 = off), got {s.top_p}")
+
+
+def _check_metrics(c: ml_collections.ConfigDict) -> None:
+  """config.metrics: W&B, when asked for, must be installed (checked before anything trains)."""
+  m = c.get("metrics")  # a config.json written before the section existed has none
+  if m is None or not m.wandb_project:
+    return
+  _check(all(isinstance(tag, str) and tag for tag in m.wandb_tags),
+         f"config.metrics.wandb_tags must be non-empty strings, got {tuple(m.wandb_tags)!r}")
+  _check(importlib.util.find_spec("wandb") is not None,
+         f"config.metrics.wandb_project={m.wandb_project!r} asks for Weights & Biases, which is "
+         'not installed; pip install "bigflax[wandb]" (or set config.metrics.wandb_project="")')
 
 
 def profile_steps(c: ml_collections.ConfigDict) -> tuple[int, int] | None:

@@ -1,12 +1,14 @@
 """Building blocks chosen for speed, so bigflax/model.py can read as the architecture alone.
 
-`Einsum` is a linear map whose matmul runs on [tokens, features] with f32 accumulation, `Dropout`
-draws its keep-mask from random bytes, and `param` creates a parameter with its logical axes.
+`Einsum` is a linear map whose matmul runs on [tokens, features] with f32 accumulation (and, when
+the model's LoRA config names it, a low-rank adapter beside it), `Dropout` draws its keep-mask
+from random bytes, and `param_init` creates a parameter with its logical axes.
 """
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -58,12 +60,55 @@ class Einsum(nn.Module):
     result_dtype = self.result_dtype or dtype
     kernel = self.param("kernel", param_init(self.stddev, self.kernel_axes), self.kernel_shape,
                         param_dtype)
-    y = matmul(self.equation, x, kernel, dtype).astype(result_dtype)
+    y = matmul(self.equation, x, kernel, dtype)
+    if self.cfg.lora_rank and self.name in self.cfg.lora_targets:
+      y += self._adapter(x)
+    y = y.astype(result_dtype)
     if self.use_bias and self.cfg.use_bias:
       out_rank = len(self.equation.split("->")[1]) - 2  # all but batch and length
       y += self.param("bias", zeros_init(self.kernel_axes[-out_rank:]),
                       self.kernel_shape[-out_rank:], param_dtype).astype(result_dtype)
     return y
+
+  def _adapter(self, x):
+    """LoRA (Hu et al. 2021): x·A·B × alpha/rank beside the frozen kernel. A [inputs…, rank] is
+    random and B [rank, outputs…] zero, so training starts from the base model; each is sharded
+    over its side of the kernel's axes, the rank unsplit."""
+    cfg, param_dtype = self.cfg, DTYPES[self.cfg.param_dtype]
+    inputs, out = self.equation.split("->")
+    x_axes = inputs.split(",")[0][2:]
+    n_in, rank = len(x_axes), cfg.lora_rank
+    fan_in = int(np.prod(self.kernel_shape[:n_in]))
+    a = self.param("lora_a", param_init(fan_in ** -0.5, (*self.kernel_axes[:n_in], "lora")),
+                   (*self.kernel_shape[:n_in], rank), param_dtype)
+    b = self.param("lora_b", zeros_init(("lora", *self.kernel_axes[n_in:])),
+                   (rank, *self.kernel_shape[n_in:]), param_dtype)
+    dtype = DTYPES[cfg.dtype]
+    h = matmul(f"bl{x_axes},{x_axes}r->blr", x, a, dtype).astype(dtype)
+    return matmul(f"blr,r{out[2:]}->{out}", h, b, dtype) * (cfg.lora_alpha / rank)
+
+
+def merge_lora(params, cfg):
+  """Params with their LoRA adapters folded into the kernels (kernel + A·B × alpha/rank) and
+  removed: the params of the same model without adapters, giving the same outputs."""
+  scale = cfg.lora_alpha / max(cfg.lora_rank, 1)
+  lead = "z" if cfg.scan_layers else ""  # a scanned stack's leading layers axis
+
+  def fold(a, b):  # A [lead, in…, r] · B [lead, r, out…] → [lead, in…, out…]
+    n_in, n_out = a.ndim - 1 - len(lead), b.ndim - 1 - len(lead)
+    ins, outs = "abcdefgh"[:n_in], "abcdefgh"[n_in:n_in + n_out]
+    return jnp.einsum(f"{lead}{ins}r,{lead}r{outs}->{lead}{ins}{outs}", a.astype(jnp.float32),
+                      b.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+
+  def walk(tree):
+    if not isinstance(tree, dict):
+      return tree
+    tree = {k: walk(v) for k, v in tree.items()}
+    if "lora_a" in tree:
+      a, b = tree.pop("lora_a"), tree.pop("lora_b")
+      tree["kernel"] = (tree["kernel"] + fold(a, b) * scale).astype(tree["kernel"].dtype)
+    return tree
+  return walk(params)
 
 
 class Dropout(nn.Module):

@@ -1,10 +1,14 @@
-"""A decoder-only Transformer in Flax linen, with the options GPT-2, GPT-3 and Llama use.
+"""A Transformer in Flax linen, with the options GPT-2, GPT-3, Llama and BERT use.
 
 The model knows nothing about devices: every parameter is created with logical axis names and the
 main activations are constrained with logical names. `bigflax.sharding` maps those names onto a
 mesh, so the same module runs on one CPU or a pod slice.
 
-Logical axes: batch, length, embed, heads, kv_heads, head_dim, mlp, vocab, layers.
+Logical axes: batch, length, embed, heads, kv_heads, head_dim, mlp, vocab, layers (and lora,
+the rank of LoRA adapters).
+
+`causal` makes it a decoder (GPT) or a bidirectional encoder (BERT) with the same modules;
+`num_labels` > 0 puts a classifier on it in place of the LM head.
 
 The fields are `ModelConfig`'s (bigflax/config.py); the options are registries at the end of this
 file, chosen by name: norm (NORMS), positions (POSITIONS), mlp (MLPS), remat (REMAT_POLICIES),
@@ -19,13 +23,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from bigflax import attention
 from bigflax.config import ModelConfig
 from bigflax.errors import ConfigError
 from bigflax.layers import DTYPES, Dropout, Einsum, matmul, ones_init, param_init, zeros_init
 
 
-class CausalSelfAttention(nn.Module):
-  """Attention of each token to the earlier tokens of its own segment.
+class SelfAttention(nn.Module):
+  """Attention of each token to the earlier tokens of its own segment (causal), or to all of them.
 
   With decode=True the keys and values are also written into a preallocated "cache" collection
   ([batch, block_size, kv_heads, head_dim], slot = position) and the queries attend to every
@@ -49,25 +54,9 @@ class CausalSelfAttention(nn.Module):
 
     if self.decode:
       k, v = self._write_cache(k, v, positions)
-      # Cache slot s holds position s; slots past a query's position are empty or stale.
-      mask = jnp.arange(cfg.block_size)[None, None, :] <= positions[:, :, None]
-    else:
-      index = jnp.arange(x.shape[1])
-      same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]
-      mask = (index[None, :, None] >= index[None, None, :]) & same_segment
-
-    # Grouped-query attention: query head h reads kv head h // group (Hugging Face's layout).
-    q = q.reshape(*q.shape[:2], cfg.kv_heads, cfg.num_heads // cfg.kv_heads, cfg.head_dim)
-    # Causal attention in chunks of queries: chunk [a, b) reads keys [0, b) only, skipping the
-    # key blocks the mask would zero anyway — with n chunks, (n + 1) / 2n of the full work.
-    if cfg.attention_chunk and not self.decode:
-      c = cfg.attention_chunk
-      out = jnp.concatenate([
-          _attend(q[:, a:a + c], k[:, :a + c], v[:, :a + c], mask[:, a:a + c, :a + c], cfg,
-                  deterministic) for a in range(0, q.shape[1], c)], axis=1)
-    else:
-      out = _attend(q, k, v, mask, cfg, deterministic)
-    out = out.reshape(*out.shape[:2], cfg.num_heads, cfg.head_dim)
+    out = attention.attend(q, k, v, segment_ids, cfg, deterministic=deterministic,
+                           decode_positions=positions if self.decode else None,
+                           initializing=self.is_initializing())
     out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
     return Einsum("blhd,hde->ble", (cfg.num_heads, cfg.head_dim, cfg.embed_dim),
                   ("heads", "head_dim", "embed"), _residual_std(cfg), cfg, name="out")(out)
@@ -83,21 +72,6 @@ class CausalSelfAttention(nn.Module):
       cache.value = cache.value.at[rows, positions].set(new)
       caches.append(cache.value)
     return caches
-
-
-def _attend(q, k, v, mask, cfg: ModelConfig, deterministic: bool):
-  """softmax(QKᵀ/√d)V for q [b, q, kv_heads, group, d], k and v [b, s, kv_heads, d], mask [b, q, s].
-
-  Scores and softmax in f32 whatever the compute dtype: bf16 logits lose the small differences
-  that decide where attention goes."""
-  dtype = DTYPES[cfg.dtype]
-  scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32)
-  scores = scores / jnp.sqrt(cfg.head_dim).astype(jnp.float32)
-  scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-  weights = jax.nn.softmax(scores, axis=-1).astype(dtype)
-  weights = Dropout(cfg.dropout)(weights, deterministic=deterministic)
-  return jnp.einsum("bkgqs,bskd->bqkgd", weights, v.astype(dtype),
-                    preferred_element_type=jnp.float32).astype(dtype)
 
 
 class MLP(nn.Module):
@@ -130,7 +104,7 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x, positions, segment_ids):
     cfg, deterministic = self.cfg, self.deterministic
-    h = CausalSelfAttention(cfg, self.decode, name="attn")(
+    h = SelfAttention(cfg, self.decode, name="attn")(
         NORMS[cfg.norm](cfg, "norm_attn")(x), positions, segment_ids,
         deterministic=deterministic)
     x = x + Dropout(cfg.dropout)(h, deterministic=deterministic)
@@ -140,12 +114,13 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-  """tokens [batch, length] int32 → logits [batch, length, vocab] (f32: the loss's precision).
+  """tokens [batch, length] int32 → logits [batch, length, vocab] (f32: the loss's precision), or
+  with num_labels > 0 one row of label logits per sequence, [batch, num_labels].
 
   positions [batch, length] (default 0, 1, …) index the position embedding or rotation;
-  segment_ids [batch, length] (default all one) keep packed documents apart: a token attends only
-  to earlier tokens with its own segment id. decode=True reads and writes the "cache" collection
-  (see CausalSelfAttention); then positions say where each token goes."""
+  segment_ids [batch, length] (default all one; 0 = padding) keep packed documents apart: a token
+  attends only to (earlier) tokens with its own segment id. decode=True reads and writes the
+  "cache" collection (see SelfAttention); then positions say where each token goes."""
   cfg: ModelConfig
 
   def __post_init__(self):
@@ -157,6 +132,10 @@ class Transformer(nn.Module):
                decode: bool = False):
     cfg = self.cfg
     dtype, param_dtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
+    if decode and not cfg.generates:
+      raise ConfigError("only a causal language model generates text; this one is "
+                        + ("a classifier" if cfg.num_labels else "bidirectional (model.causal="
+                           "False)") + ", so sample from a causal LM run instead")
     if tokens.shape[1] > cfg.block_size:
       raise ValueError(f"sequence length {tokens.shape[1]} exceeds model.block_size "
                        f"{cfg.block_size}")
@@ -183,6 +162,14 @@ class Transformer(nn.Module):
         x, _ = block(cfg, deterministic, decode, name=f"block_{i}")(x, positions, segment_ids)
 
     x = NORMS[cfg.norm](cfg, "norm_final")(x)
+    if cfg.num_labels:
+      # One state per sequence: a decoder's last real token has read the whole sequence; an
+      # encoder's first token reads everything anyway (BERT's [CLS] place).
+      last = jnp.max(jnp.where(segment_ids > 0, jnp.arange(x.shape[1]), 0), axis=1)
+      pooled = x[jnp.arange(x.shape[0]), last if cfg.causal else 0][:, None]
+      logits = Einsum("ble,en->bln", (cfg.embed_dim, cfg.num_labels), ("embed", None), 0.02, cfg,
+                      result_dtype=jnp.float32, name="classifier")(pooled)
+      return logits[:, 0]
     if cfg.tie_embeddings:
       logits = matmul("ble,ve->blv", x, token_embed.embedding, dtype)
     else:
@@ -285,10 +272,14 @@ POSITIONS = {"learned": LearnedPositions, "rope": RotaryPositions}
 def check_options(cfg: ModelConfig) -> None:
   """Each option of `cfg` names an entry of its registry; ConfigError naming the field if not."""
   for field, registry in (("norm", NORMS), ("positions", POSITIONS), ("mlp", MLPS),
-                          ("remat", REMAT_POLICIES), ("dtype", DTYPES), ("param_dtype", DTYPES)):
+                          ("remat", REMAT_POLICIES), ("dtype", DTYPES), ("param_dtype", DTYPES),
+                          ("attention", attention.IMPLEMENTATIONS)):
     if getattr(cfg, field) not in registry:
       raise ConfigError(f"config.model.{field}={getattr(cfg, field)!r} is unknown; choose one "
                         f"of {sorted(registry)}")
+  if cfg.lora_rank and "gate" in cfg.lora_targets and not MLPS[cfg.mlp][1]:
+    raise ConfigError(f"config.finetune.lora_targets names 'gate', which config.model.mlp="
+                      f"{cfg.mlp!r} has not (only a gated MLP, swiglu, has); drop it")
 
 
 def abstract_params(model: nn.Module, length: int):

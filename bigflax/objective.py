@@ -1,12 +1,23 @@
-"""The maximum-likelihood next-token objective.
+"""The training objectives: a language model's (`OBJECTIVES`, by config.objective) and a
+classifier's.
 
-loss = mean over real positions t of −log p(targets_t | inputs_≤t), where real means loss_mask=1,
-plus optionally z_loss × the mean of log²Z, Z the softmax normalizer (PaLM, Chowdhery et al.
-2022): it pulls log Z towards 0 so the logits cannot drift to magnitudes where bf16 loses them.
+next_token: loss = mean over real positions t of −log p(targets_t | inputs_≤t), where real means
+loss_mask=1, plus optionally z_loss × the mean of log²Z, Z the softmax normalizer (PaLM, Chowdhery
+et al. 2022): it pulls log Z towards 0 so the logits cannot drift to magnitudes where bf16 loses
+them.
+
+mlm (BERT, Devlin et al. 2019): mask_rate of the real tokens are chosen; of those, mask_fraction
+become [MASK], random_fraction a random token and the rest stay; the loss is the same
+cross-entropy of the original tokens, at the chosen positions only. The choice is drawn inside
+the step from the step's key, so it differs per step and a resumed run draws the same.
 """
+
+import typing
 
 import jax
 import jax.numpy as jnp
+
+from bigflax.errors import ConfigError
 
 
 def token_log_likelihood(logits, targets):
@@ -34,3 +45,90 @@ def next_token_loss(logits, targets, loss_mask, z_loss: float = 0.0):
   accuracy = (correct * mask).sum() / denominator
   return cross_entropy + z_term, {"loss": cross_entropy, "z_loss": z_term, "accuracy": accuracy,
                                   "num_tokens": num_tokens}
+
+
+def mask_tokens(rng, tokens, real, *, mask_rate: float, mask_fraction: float,
+                random_fraction: float, mask_token_id: int):
+  """BERT's corruption of tokens [batch, length] at real (bool) positions → (corrupted tokens,
+  chosen [batch, length] f32: 1 where the loss reads). Random replacements are ids below
+  mask_token_id (the tokenizer's own, never padding ids)."""
+  choose, how, replacement = jax.random.split(rng, 3)
+  chosen = real & jax.random.bernoulli(choose, mask_rate, tokens.shape)
+  draw = jax.random.uniform(how, tokens.shape)
+  random_ids = jax.random.randint(replacement, tokens.shape, 0, mask_token_id, tokens.dtype)
+  corrupted = jnp.where(draw < mask_fraction, mask_token_id,
+                        jnp.where(draw < mask_fraction + random_fraction, random_ids, tokens))
+  return jnp.where(chosen, corrupted, tokens), chosen.astype(jnp.float32)
+
+
+def next_token(logits_fn, batch, rng, config):
+  """`logits_fn(inputs)` → the model's logits on the batch's rows; (loss, metrics) as in
+  next_token_loss."""
+  del rng
+  return next_token_loss(logits_fn(batch["inputs"]), batch["targets"], batch["loss_mask"],
+                         config.z_loss)
+
+
+def masked_lm(logits_fn, batch, rng, config):
+  """The packed batch's inputs, corrupted, are the model's inputs and, as they were, its targets;
+  real tokens are those in a segment (all, in windows)."""
+  tokens = batch["inputs"]
+  real = batch["segment_ids"] > 0 if "segment_ids" in batch else jnp.ones(tokens.shape, bool)
+  m = config.mlm
+  if m.mask_token_id < 0:
+    raise ConfigError("config.mlm.mask_token_id is unset: bigflax.run.resolve reserves it past the "
+                      "tokenizer's ids (with no data, as in bigflax aot, set it yourself)")
+  corrupted, chosen = mask_tokens(rng, tokens, real, mask_rate=m.mask_rate,
+                                  mask_fraction=m.mask_fraction,
+                                  random_fraction=m.random_fraction,
+                                  mask_token_id=m.mask_token_id)
+  return next_token_loss(logits_fn(corrupted), tokens, chosen, config.z_loss)
+
+
+class Objective(typing.NamedTuple):
+  loss: typing.Callable  # (logits_fn, batch, rng, config) → (loss, metrics as next_token_loss's)
+  causal: bool  # the config.model.causal it needs
+  why: str  # … and why, for the error
+
+
+OBJECTIVES = {
+    "next_token": Objective(next_token, True, "a bidirectional model sees the token it predicts"),
+    "mlm": Objective(masked_lm, False, "a masked LM reads both sides of each masked token"),
+}
+
+
+def check_config(c) -> None:
+  """The objective and its model agree; the masking rates are rates. ConfigError if not."""
+  def need(ok, message):
+    if not ok:
+      raise ConfigError(message)
+  need(c.objective in OBJECTIVES, f"config.objective={c.objective!r} is unknown; choose one of "
+       f"{sorted(OBJECTIVES)}")
+  objective = OBJECTIVES[c.objective]
+  need(c.task != "lm" or c.model.causal == objective.causal,
+       f"config.objective={c.objective!r} needs config.model.causal={objective.causal} "
+       f"({objective.why}); set it, or choose the other objective")
+  m = c.mlm
+  need(0 < m.mask_rate < 1, f"config.mlm.mask_rate must be in (0, 1), got {m.mask_rate}")
+  need(m.mask_fraction >= 0 and m.random_fraction >= 0
+       and m.mask_fraction + m.random_fraction <= 1,
+       "config.mlm.mask_fraction and random_fraction must be >= 0 with a sum <= 1, got "
+       f"{m.mask_fraction} and {m.random_fraction}")
+
+
+def classification_loss(logits, labels):
+  """Mean cross-entropy of logits [batch, num_labels] against labels [batch] (−1: a padding row,
+  ignored) → (loss, metrics: loss, accuracy, num_examples, and the confusion matrix
+  [true, predicted] of the real rows)."""
+  real = labels >= 0
+  weight = real.astype(jnp.float32)
+  n = weight.sum()
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  picked = jnp.take_along_axis(log_probs, jnp.maximum(labels, 0)[:, None], axis=-1)[:, 0]
+  loss = -(picked * weight).sum() / jnp.maximum(n, 1.0)
+  predicted = jnp.argmax(logits, axis=-1)
+  num_labels = logits.shape[-1]
+  confusion = jnp.einsum("bt,bp->tp", jax.nn.one_hot(labels, num_labels) * weight[:, None],
+                         jax.nn.one_hot(predicted, num_labels))
+  accuracy = jnp.trace(confusion) / jnp.maximum(n, 1.0)
+  return loss, {"loss": loss, "accuracy": accuracy, "num_examples": n, "confusion": confusion}

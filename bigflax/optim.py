@@ -119,6 +119,56 @@ def _drop_empty_boxes(state):
 
 OPTIMIZERS = {"adamw": _adamw, "adam": _adam, "sgd": _sgd, "muon": _muon}
 
+_ADAPTERS = ("lora_a", "lora_b")
+_HEAD = "classifier"
+
+# config.finetune.trainable → whether a param (by the module and param names on its path) trains.
+TRAINABLE = {
+    "all": lambda names: True,
+    "lora": lambda names: names[-1] in _ADAPTERS or _HEAD in names,
+    "head": lambda names: _HEAD in names,
+}
+
+
+def _names(path) -> tuple[str, ...]:
+  return tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
+
+
+def trainable_mask(params, trainable: str):
+  """For each leaf of `params` (boxed or not): True when config.finetune.trainable trains it."""
+  return jax.tree_util.tree_map_with_path(lambda path, _: TRAINABLE[trainable](_names(path)),
+                                          params)
+
+
+def freeze(tx: optax.GradientTransformation, trainable: str) -> optax.GradientTransformation:
+  """`tx` on the params `trainable` names; the others get zero updates and no optimizer state
+  (optax.multi_transform gives `tx` only the trainable leaves)."""
+  labels = lambda params: jax.tree.map(lambda t: "train" if t else "frozen",
+                                       trainable_mask(params, trainable))
+  frozen = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+  return optax.GradientTransformation(lambda params: _drop_empty_boxes(frozen.init(params)),
+                                      frozen.update)
+
+
+def trainable_of(f) -> str:
+  """config.finetune.trainable (`f` is config.finetune) with "" resolved: lora when there are
+  adapters, else all."""
+  return f.trainable or ("lora" if f.lora_rank else "all")
+
+
+def check_trainable(f, task: str) -> None:
+  """config.finetune.trainable names a choice that has something to train."""
+  choice = trainable_of(f)
+  if choice not in TRAINABLE:
+    raise ConfigError(f"config.finetune.trainable={f.trainable!r} is unknown; choose one of "
+                      f"{sorted(TRAINABLE)} (or '' for lora with adapters, else all)")
+  if choice == "lora" and not f.lora_rank:
+    raise ConfigError("config.finetune.trainable='lora' trains the LoRA adapters, but "
+                      "config.finetune.lora_rank=0 adds none; set a rank (e.g. 8)")
+  if choice == "head" and task != "classify":
+    raise ConfigError("config.finetune.trainable='head' trains the classifier, which only "
+                      "config.task='classify' has; choose all or lora")
+
 
 def learning_rate_schedule(c, steps: int) -> optax.Schedule:
   return SCHEDULES[c.schedule](c, steps)

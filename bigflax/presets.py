@@ -4,6 +4,11 @@ Sizes are the published ones; the shapes (layers × heads × width, MLP width, v
 are what matter for planning memory and FLOPs. Select one with the experiment file
 `experiments/preset.py:NAME`, e.g. `bigflax train --config experiments/preset.py:gpt2_124m`;
 `--config.model.FIELD=...` still overrides any field afterwards.
+
+Like the TPU and GPU training frameworks, the presets compute in bfloat16 with float32 params
+(so f32 optimizer state) and f32 attention softmax, logits and loss (bigflax.model keeps those in
+f32 whatever the compute dtype): half the activation memory, and the matrix units' full rate.
+The small CPU experiments stay float32.
 """
 
 import functools
@@ -12,6 +17,7 @@ from bigflax.errors import ConfigError
 
 GPT2_VOCAB = 50257  # GPT-2's byte-level BPE, also used by GPT-3
 LLAMA2_VOCAB = 32000  # Llama 2's sentencepiece model
+MIXED_PRECISION = {"dtype": "bfloat16", "param_dtype": "float32"}
 
 
 def _gpt(model, *, num_layers: int, num_heads: int, embed_dim: int, block_size: int) -> None:
@@ -20,7 +26,7 @@ def _gpt(model, *, num_layers: int, num_heads: int, embed_dim: int, block_size: 
   model.update(vocab_size=GPT2_VOCAB, block_size=block_size, num_layers=num_layers,
                num_heads=num_heads, num_kv_heads=0, embed_dim=embed_dim, mlp_dim=4 * embed_dim,
                norm="layernorm", norm_eps=1e-5, positions="learned", mlp="gelu_tanh",
-               use_bias=True, tie_embeddings=True)
+               use_bias=True, tie_embeddings=True, **MIXED_PRECISION)
 
 
 def _llama2(model, *, num_layers: int, num_heads: int, embed_dim: int, mlp_dim: int,
@@ -30,7 +36,8 @@ def _llama2(model, *, num_layers: int, num_heads: int, embed_dim: int, mlp_dim: 
   model.update(vocab_size=LLAMA2_VOCAB, block_size=4096, num_layers=num_layers,
                num_heads=num_heads, num_kv_heads=num_kv_heads, embed_dim=embed_dim,
                mlp_dim=mlp_dim, norm="rmsnorm", norm_eps=1e-5, positions="rope",
-               rope_theta=10000.0, mlp="swiglu", use_bias=False, tie_embeddings=False)
+               rope_theta=10000.0, mlp="swiglu", use_bias=False, tie_embeddings=False,
+               **MIXED_PRECISION)
 
 
 PRESETS = {

@@ -9,6 +9,7 @@
 
 import json
 import pathlib
+import secrets
 import shutil
 
 import flax.linen as nn
@@ -85,16 +86,23 @@ def trim_metrics(workdir, step: int) -> None:
 
 
 class MetricsWriter:
-  """Writes records like {"step": 10, "loss": 3.2, ...}; a no-op on processes other than 0."""
+  """Writes records like {"step": 10, "loss": 3.2, ...} to metrics.jsonl, their scalars to
+  TensorBoard and, with config.metrics.wandb_project, to Weights & Biases (with the config); a
+  no-op on processes other than 0."""
 
-  def __init__(self, workdir: str, enabled: bool = True, resumed_at: int | None = None):
+  def __init__(self, workdir: str, enabled: bool = True, resumed_at: int | None = None,
+               config: ml_collections.ConfigDict | None = None):
     """resumed_at: the checkpoint step a resumed run restarts from. TensorBoard then hides what
-    the earlier run logged after it (those steps are recomputed), as metrics.jsonl drops it."""
+    the earlier run logged after it (those steps are recomputed), as metrics.jsonl drops it.
+    config: the run's; its `metrics` section says whether W&B logs too."""
     self.enabled = enabled
+    self._wandb = None
     if enabled:
       self._jsonl = open(metrics_path(workdir), "a", encoding="utf-8")
       self._tensorboard = SummaryWriter(
           str(workdir), purge_step=None if resumed_at is None else resumed_at + 1)
+      if config is not None and config.get("metrics") and config.metrics.wandb_project:
+        self._wandb = _start_wandb(workdir, config)
 
   def write(self, record: dict) -> None:
     if not self.enabled:
@@ -108,14 +116,37 @@ class MetricsWriter:
       strict["nonfinite"] = nonfinite
     self._jsonl.write(json.dumps(strict, allow_nan=False) + "\n")
     self._jsonl.flush()
-    for key, value in record.items():  # TensorBoard would warn at every NaN: they are skipped
-      if key != "step" and key not in nonfinite and isinstance(value, int | float):
-        self._tensorboard.add_scalar(key, value, record["step"])
+    # The trackers would warn at every NaN: those are skipped (metrics.jsonl names them).
+    scalars = {k: v for k, v in record.items() if k != "step" and k not in nonfinite
+               and isinstance(v, int | float) and not isinstance(v, bool)}
+    for key, value in scalars.items():
+      self._tensorboard.add_scalar(key, value, record["step"])
+    if self._wandb is not None:
+      self._wandb.log(scalars, step=record["step"])
 
   def close(self) -> None:
     if self.enabled:
       self._jsonl.close()
       self._tensorboard.close()
+      if self._wandb is not None:
+        self._wandb.finish()
+
+
+def _start_wandb(workdir, config):
+  """A W&B run logging into WORKDIR/wandb/; a resumed bigflax run continues the same W&B run
+  (its id is kept in WORKDIR/wandb_run_id), where the steps logged before are not repeated."""
+  # An optional extra, imported only when asked for; config.validate has refused the run already
+  # (before anything trained) when it is not installed.
+  import wandb  # noqa: PLC0415
+  m, root = config.metrics, pathlib.Path(workdir).absolute()
+  id_file = root / "wandb_run_id"
+  if not id_file.exists():
+    id_file.write_text(secrets.token_hex(4) + "\n")  # W&B's own ids are 8 characters too
+  return wandb.init(
+      project=m.wandb_project, entity=m.wandb_entity or None, name=m.wandb_name or root.name,
+      tags=list(m.wandb_tags), config=config.to_dict(), dir=str(root),
+      id=id_file.read_text().strip(), resume="allow",
+      settings=wandb.Settings(console="off"))  # the terminal stays the trainer's own
 
 
 def read_metrics(workdir: str) -> list[dict]:
@@ -145,10 +176,16 @@ def load_run(workdir, step: int | None = None):
   """(config, model, params, tokenizer) of a run: its params/ export, or checkpoint `step` (the
   latest when the run has no export, e.g. one that was interrupted)."""
   config = read_config(workdir)
-  model = Transformer(ModelConfig.from_config(config.model))
+  model = Transformer(ModelConfig.from_config(config.model, config.get("finetune")))
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                           nn.unbox(abstract_params(model, config.model.block_size)))
+  return config, model, read_params(workdir, abstract, step), data.make_tokenizer(config.data)
+
+
+def read_params(workdir, abstract, step: int | None = None):
+  """A run's params/ export, or checkpoint `step` (the latest when the run has no export),
+  restored straight into `abstract`'s shapes, dtypes and shardings."""
   if step is None and params_dir(workdir).exists():
     path = params_dir(workdir)
 
@@ -167,7 +204,7 @@ def load_run(workdir, step: int | None = None):
         raise corrupted(e) from None
   else:
     _, params = checkpoint.read_params(workdir, abstract, step)
-  return config, model, params, data.make_tokenizer(config.data)
+  return params
 
 
 def load_export(workdir):

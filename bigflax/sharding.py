@@ -114,9 +114,17 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
+def field_sharding(batch_sharding: NamedSharding, ndim: int) -> NamedSharding:
+  """The sharding of a batch field of `ndim` dimensions: the batch's, cut to that rank (a [batch]
+  field such as a classifier's labels splits its rows the way [batch, length] fields do)."""
+  return NamedSharding(batch_sharding.mesh, PartitionSpec(*batch_sharding.spec[:ndim]))
+
+
 def global_batch(local_batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict:
-  """This process's rows of the global batch → global jax.Arrays laid out by `sharding`."""
-  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
+  """This process's rows of the global batch → global jax.Arrays laid out by `sharding` (cut to
+  each field's rank)."""
+  return {k: jax.make_array_from_process_local_data(field_sharding(sharding, np.ndim(v)), v)
+          for k, v in local_batch.items()}
 
 
 def process_rows(batch_sharding: NamedSharding, global_batch_size: int) -> slice:

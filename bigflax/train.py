@@ -9,7 +9,8 @@ import jax
 import numpy as np
 import tqdm
 
-from bigflax import checkpoint, data, decode, flops, hardware, rundir, run as run_lib, sharding
+from bigflax import (checkpoint, data, decode, evaluation, flops, hardware, pretrained, rundir,
+                     run as run_lib, sharding)
 from bigflax.config import profile_steps
 from bigflax.errors import NonFiniteError
 from bigflax.layers import DTYPES
@@ -19,18 +20,28 @@ class Trainer:
   """One run's data, compiled steps and state, built from a config (which it does not modify:
   `self.config` is the resolved copy, with what the data decided filled in)."""
 
-  def __init__(self, config, corpus: data.Corpus | None = None, devices=None):
+  def __init__(self, config, corpus: data.Corpus | None = None, devices=None, *,
+               load_init_from: bool = True):
+    """load_init_from: start from config.init_from's params (off when a checkpoint of this run
+    is about to be restored: it wins, and the source need not be read again)."""
+    config = pretrained.apply(config)  # config.init_from's model and tokenizer fields
     run_lib.check(config)
-    self.corpus = corpus or data.load_corpus(config.data, config.model.block_size)
-    self.config = run_lib.resolve(config, self.corpus.tokenizer)
+    self.corpus = corpus or data.load_corpus(config.data, config.model.block_size, config.task)
+    self.config = run_lib.resolve(config, self.corpus.tokenizer, self.corpus.labels or None)
     # Fail now, not after training, if the closing sample cannot be encoded.
     self.corpus.tokenizer.encode(config.sample.prompt, "config.sample.prompt")
     self.run = run_lib.build(self.config, devices)
     rng = jax.random.key(self.config.seed)
     self.state = self.run.init_state(rng)
+    if self.config.init_from and load_init_from:  # step 0, and optimizer state for these params, not the init's
+      params = pretrained.load_params(self.config.init_from, self.run, self.state.params)
+      with self.run.activate():
+        opt_state = jax.jit(self.run.tx.init,
+                            out_shardings=self.run.state_shardings.opt_state)(params)
+      self.state = self.state.replace(params=params, opt_state=opt_state)
     self.dropout_rng = jax.random.fold_in(rng, 1)
     self._data = {}
-    self._eval = None  # (batches, info), built on first use
+    self._eval = None  # the eval sets' evaluation.Evaluator, built on first use
 
   @property
   def mesh(self):
@@ -88,37 +99,31 @@ class Trainer:
       metrics = {**metrics, "padding": float(np.mean(local["segment_ids"] == 0))}
     return metrics
 
-  def eval_batches(self) -> tuple[data.EvalBatches, data.EvalInfo | None]:
-    """The val batches every evaluation runs (the same ones each time), built on first use.
-
-    Packed rows of documents spread over the whole val split, `eval_batches` of them or (0) every
-    val prediction once. A windows run with eval_batches > 0 keeps nanoGPT's random val windows,
-    the way its recipes are measured."""
+  def evaluator(self) -> evaluation.Evaluator:
+    """The eval sets of config.eval.sets (the same batches every evaluation), built on first
+    use."""
     if self._eval is None:
-      config, rows = self.config, sharding.process_rows(self.run.batch_sharding,
-                                                        self.config.batch_size)
-      if config.data.batching == "windows" and config.eval_batches:
-        val = self.batches(data.VAL, config.batch_size)
-        self._eval = [val.batch(i) for i in range(config.eval_batches)], None
-      else:
-        self._eval = data.eval_batches(self.corpus, config, config.batch_size,
-                                       config.eval_batches, rows)
+      self._eval = evaluation.Evaluator(self.run, self.corpus.tokenizer, evaluation.open_sets(
+          self.config, self.corpus.tokenizer, self.run.batch_sharding, self.corpus))
     return self._eval
 
-  def evaluate(self) -> dict[str, float]:
-    """Mean next-token loss and accuracy over the eval batches; with packed rows also how many
-    val documents they cover."""
-    batches, info = self.eval_batches()
-    totals = []
+  def evaluate_sets(self) -> dict[str, dict[str, float]]:
+    """{eval set: its loss, perplexity, accuracy and bits per byte (and, for packed sets, how
+    many documents the batches cover)} on the current params."""
     with self.run.activate():
-      for batch in batches:
-        totals.append(self.run.eval_step(
-            self.state, sharding.global_batch(batch, self.run.batch_sharding)))
-    totals = jax.tree.map(lambda *xs: sum(np.asarray(x, np.float64) for x in xs), *totals)
-    record = {f"eval_{k}": v for k, v in run_lib.eval_summary(totals).items()}
-    if info is not None:
-      record["eval_documents"] = info.documents
-    return record
+      return self.evaluator().evaluate(lambda batch: self.run.eval_step(self.state, batch))
+
+  def evaluate(self) -> dict[str, float]:
+    """evaluate_sets' numbers as one metrics record's fields (evaluation.EvalSet.key): eval_loss,
+    … for the val split, eval/NAME/loss, … for the others."""
+    return self.evaluator().record(self.evaluate_sets())
+
+  def harness(self) -> dict[str, float]:
+    """config.eval.harness_tasks through lm-evaluation-harness on the current params, as
+    harness/TASK/METRIC fields."""
+    return evaluation.harness_record(evaluation.run_harness(
+        self.run, self.state.params, self.corpus.tokenizer, self.config.eval,
+        batch_size=self.config.batch_size))
 
   def sample(self, prompt: str, *, max_new_tokens: int, temperature: float, top_k: int,
              top_p: float, seed: int) -> str:
@@ -230,11 +235,23 @@ class _Loop:
     self.guard.check()
 
   def evaluate(self, step: int) -> None:
-    self.last_eval = self.trainer.evaluate()
-    self.writer.write({"step": step, **self.last_eval})
-    if self.is_main:
-      self.progress.write(f"step {step}: eval_loss {self.last_eval['eval_loss']:.4f} "
-                          f"(perplexity {self.last_eval['eval_perplexity']:.2f})")
+    results = self.trainer.evaluate_sets()
+    self.last_eval = self.trainer.evaluator().record(results)
+    self._write(step, self.last_eval, f"step {step}: {evaluation.progress_line(results)}")
+
+  def harness(self, step: int) -> None:
+    """lm-evaluation-harness tasks on every process (the params may be sharded over hosts);
+    process 0 writes the results."""
+    record = self.trainer.harness()
+    self._write(step, record, f"step {step}: " + ", ".join(
+        f"{key.removeprefix('harness/')} {value:.4f}" for key, value in record.items()
+        if isinstance(value, float)))
+
+  def _write(self, step: int, record: dict, line: str) -> None:
+    if record:
+      self.writer.write({"step": step, **record})
+      if self.is_main:
+        self.progress.write(line)
     self.throughput.restart()  # eval time is not training throughput
 
   def save(self, step: int) -> None:
@@ -253,7 +270,8 @@ def train(config, workdir: str, *, print_fn=print, devices=None, overwrite: bool
     rundir.prepare_for_training(workdir, overwrite)
   else:
     pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
-  trainer = Trainer(config, devices=devices)
+  resuming = bool(pretrained.checkpoint_steps(pathlib.Path(workdir)))
+  trainer = Trainer(config, devices=devices, load_init_from=not resuming)
   checkpointer = checkpoint.Checkpointer(workdir, trainer.config)
   loop = None
   try:
@@ -275,19 +293,20 @@ def _resume(trainer: Trainer, checkpointer: checkpoint.Checkpointer, workdir: st
   if latest is not None:
     trainer.restore(checkpointer, latest)
   start = latest or 0
+  eval_sets = trainer.evaluator().sets  # every process: a bad eval set stops the run now
+  if trainer.config.eval.harness_tasks:
+    evaluation.check_harness(trainer.config.eval)
   if jax.process_index() == 0:
     rundir.write_config(trainer.config, workdir)
     rundir.trim_metrics(workdir, start)
     num_params = sum(x.size for x in jax.tree.leaves(trainer.state.params))
     print_fn(f"data: {trainer.corpus.description}")
     batches = trainer.batches(data.TRAIN, trainer.config.batch_size)
-    _, eval_info = trainer.eval_batches()
     print_fn(f"batches: {batches.description}")
-    if eval_info is not None:
-      print_fn(f"eval: {eval_info.num_batches} batches, {eval_info.predictions:,} of the val "
-               f"split's {eval_info.split_predictions:,} predictions, {eval_info.documents} of "
-               f"its {eval_info.split_documents} documents")
-    for notice in batches.notices + list(eval_info.notices if eval_info else ()):
+    for eval_set in eval_sets:
+      print_fn(f"eval {eval_set.name}: {eval_set.description}")
+    notices = [n for s in eval_sets if s.info for n in s.info.notices]
+    for notice in batches.notices + notices:
       print_fn(f"note: {notice}")
     print_fn(f"model: {num_params / 1e6:.2f}M params; mesh {dict(trainer.mesh.shape)} over "
              f"{trainer.mesh.size} {jax.devices()[0].platform} devices; workdir {workdir}")
@@ -305,7 +324,7 @@ def _start_loop(trainer: Trainer, checkpointer, workdir: str, start: int) -> _Lo
   peak = hardware.peak_flops(DTYPES[config.model.dtype])[0] * jax.process_count()
   return _Loop(
       trainer, checkpointer, workdir,
-      rundir.MetricsWriter(workdir, enabled=is_main, resumed_at=start or None),
+      rundir.MetricsWriter(workdir, enabled=is_main, resumed_at=start or None, config=config),
       tqdm.tqdm(total=config.steps, initial=start, disable=not is_main, unit="step",
                 dynamic_ncols=True),
       is_main, NumericsGuard(enabled=not config.skip_nonfinite), Throughput(), flops_per_step,
@@ -332,6 +351,9 @@ def _run_steps(loop: _Loop, start: int) -> int | None:
         loop.log(step, metrics)
       if step % config.eval_every == 0 or final:
         loop.evaluate(step)
+      if config.eval.harness_tasks and (
+          step % (config.eval.harness_every or config.eval_every) == 0 or final):
+        loop.harness(step)
       if preempted or final or loop.checkpointer.should_save(step):
         loop.save(step)
       loop.progress.update(1)
@@ -355,6 +377,8 @@ def _finish(loop: _Loop, stopped_at: int | None, print_fn) -> dict:
                "to resume")
     return loop.last_eval
   rundir.export_params(loop.workdir, trainer.state.params)
+  if not trainer.run.model.cfg.generates:  # a classifier or a bidirectional encoder
+    return loop.last_eval
   s = trainer.config.sample  # every process samples (params may be sharded across hosts); one prints
   text = trainer.sample(s.prompt, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
                         top_k=s.top_k, top_p=s.top_p, seed=trainer.config.seed)

@@ -1,5 +1,8 @@
 """AOT compilation for TPU topologies from this CPU. Needs libtpu (in the `test` extra)."""
 
+import math
+import re
+
 import flax.linen as nn
 import numpy as np
 import pytest
@@ -44,6 +47,7 @@ def test_compile_for_v5e_2x2_reports_memory_flops_and_collectives():
   pytest.importorskip("libtpu", reason="libtpu is not installed, so nothing can be compiled for "
                       "TPU here: pip install -e '.[test]' installs it")
   c = small_config()
+  c.model.attention = "xla"  # XLA's cost analysis cannot count inside a Pallas kernel (flash)
   plan = aot.compile_plan(c, "v5e:2x2")
   expected_flops, param_bytes = analytic_step_flops(c)
   assert plan.device_kind == "TPU v5 lite" and plan.mesh["data"] == 4
@@ -54,7 +58,46 @@ def test_compile_for_v5e_2x2_reports_memory_flops_and_collectives():
   assert plan.argument_bytes >= 3 * param_bytes
   assert plan.fits and plan.hbm_bytes == 16 * 2**30
   assert plan.collectives.get("all-reduce", 0) >= 1  # gradients are summed across replicas
-  assert "FITS" in aot.describe(plan)
+  # The five largest temporaries, largest first, each within the temporary memory.
+  sizes = [b.bytes for b in plan.largest_temps]
+  assert len(sizes) == 5 and sizes == sorted(sizes, reverse=True)
+  assert 0 < sizes[-1] and sizes[0] <= plan.temp_bytes
+  for buffer in plan.largest_temps:
+    assert re.fullmatch(r"(pred|s32|u32|u8|bf16|f32)\[[\d,]*\]", buffer.shape), buffer
+    dims = [int(d) for d in buffer.shape.split("[")[1][:-1].split(",") if d]
+    assert buffer.bytes >= math.prod(dims)  # padded to the TPU's tiles, never smaller
+  report = aot.describe(plan)
+  assert "FITS" in report and "largest temporaries (5):" in report
+  assert all(b.instruction in report and b.shape in report for b in plan.largest_temps)
+
+
+# A buffer assignment as XLA dumps it for a TPU: only the default memory space's temporary
+# allocation counts; a tuple value is its pointer table; one offset and size is one buffer.
+BUFFER_ASSIGNMENT = """\
+allocation 0: size 4096, parameter 0, shape |f32[1024]| at ShapeIndex {}:
+ value: <1 param.0 @0> (size=4096,offset=0): f32[1024]{0}
+allocation 1: size 9000, preallocated-temp:
+ value: <2 fusion.1 @0> (size=512,offset=0): (f32[4,32]{1,0:T(4,128)}, f32[4,32]{1,0})
+ value: <3 fusion.2 @0> (size=2048,offset=512): bf16[4,256]{1,0:T(8,128)(2,1)}
+ value: <4 copy.3 @0> (size=2048,offset=512): bf16[4,256]{1,0:T(8,128)(2,1)}
+ value: <5 fusion.4{} @0> (size=6144,offset=2560): f32[3,512]{1,0:T(8,128)}
+ value: <6 dot.5 @0> (size=256,offset=8704): s32[64]{0}
+allocation 2: size 99999, color 1, preallocated-temp:
+ value: <7 fusion.6 @1> (size=99999,offset=0): f32[24999]{0:S(1)}
+"""
+HLO = """\
+  %fusion.2 = bf16[4,256]{1,0} fusion(%p), kind=kLoop, metadata={op_name="jit(f)/attn/dot_general"}
+  %copy.3 = bf16[4,256]{1,0} copy(%fusion.2)
+  ROOT %fusion.4 = f32[3,512]{1,0} fusion(%p), kind=kLoop, metadata={op_name="jit(f)/mlp/mul" x=1}
+"""
+
+
+def test_largest_temporaries_read_from_the_buffer_assignment():
+  buffers = aot.largest_temporaries(BUFFER_ASSIGNMENT, HLO, count=2)
+  assert buffers == [aot.TempBuffer(6144, "f32[3,512]", "fusion.4", "jit(f)/mlp/mul"),
+                     aot.TempBuffer(2048, "bf16[4,256]", "fusion.2", "jit(f)/attn/dot_general")]
+  assert [b.instruction for b in aot.largest_temporaries(BUFFER_ASSIGNMENT, HLO)] == [
+      "fusion.4", "fusion.2", "dot.5"]
 
 
 @pytest.mark.slow

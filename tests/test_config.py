@@ -45,7 +45,9 @@ def test_each_bad_value_is_named_with_its_field(overrides, message):
 def test_the_base_config_passes_and_model_defaults_come_from_model_config():
   run.check(config_lib.get_config())
   defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+  finetune = {name: defaults.pop(name) for name in config_lib.FINETUNE_FIELDS}
   assert base().model.to_dict() == defaults
+  assert {name: base().finetune[name] for name in finetune} == finetune
   assert ModelConfig().mlp_dim == 4 * ModelConfig().embed_dim  # 0 resolves to 4 × width
 
 

@@ -2,6 +2,7 @@
 127.0.0.1 must train exactly like 1 process of 8 devices, and fail fast and clearly when a process
 is missing, dies, or disagrees about the process count."""
 
+import json
 import signal
 import subprocess
 import sys
@@ -55,10 +56,14 @@ def process_args(address, num_processes, process_id):
 @pytest.mark.slow
 def test_two_processes_train_like_one_process_with_all_devices(tmp_path, corpus_file):
   address = f"127.0.0.1:{portpicker.pick_unused_port()}"
+  more = tmp_path / "more.jsonl"  # a second eval set: every set's numbers must agree
+  more.write_text("".join(f'{{"text": "line {i}: the lazy dog {i}"}}\n' for i in range(40)))
+  sets = f"--config.eval.sets=val;more=jsonl:{more}"
   # One workdir for both, as on a shared filesystem: Orbax writes the params from every process.
-  workers = [start(run_args(corpus_file, tmp_path / "two", extra=process_args(address, 2, i)),
-                   devices=4) for i in range(2)]
-  single = start(run_args(corpus_file, tmp_path / "single"), devices=8)
+  workers = [start(run_args(corpus_file, tmp_path / "two",
+                            extra=(sets, *process_args(address, 2, i))), devices=4)
+             for i in range(2)]
+  single = start(run_args(corpus_file, tmp_path / "single", extra=(sets,)), devices=8)
   results = [finish(p) for p in workers]
   for code, _, err in results:
     assert code == 0, err[-3000:]
@@ -68,8 +73,9 @@ def test_two_processes_train_like_one_process_with_all_devices(tmp_path, corpus_
   two, one = read_metrics(tmp_path / "two"), read_metrics(tmp_path / "single")
   assert [r["step"] for r in two] == [r["step"] for r in one] == [1, 2, 3, 4, 5, 5]
   for a, b in zip(two, one):
-    key = "loss" if "loss" in a else "eval_loss"
-    np.testing.assert_allclose(a[key], b[key], atol=1e-5)
+    keys = ["loss"] if "loss" in a else [k for k in b if k.startswith("eval")]
+    assert len(keys) in (1, 10) and keys == [k for k in a if k in keys]
+    np.testing.assert_allclose([a[k] for k in keys], [b[k] for k in keys], atol=1e-5)
   assert "over 8 cpu devices" in results[0][1] and "over 8 cpu devices" in single_out
   # Only process 0 writes metrics (no record twice), TensorBoard events and talks to the user.
   assert len(list((tmp_path / "two").glob("events.out.tfevents*"))) == 1
@@ -78,6 +84,20 @@ def test_two_processes_train_like_one_process_with_all_devices(tmp_path, corpus_
   # from several threads at once, so its lines interleave: look for our words, not for silence.)
   for ours in ("loss", "sample (", "cpu devices", "step "):
     assert ours not in results[1][1], results[1][1]
+
+  # `bigflax eval` of the last checkpoint on 2 processes, another mesh: the training eval's numbers
+  address = f"127.0.0.1:{portpicker.pick_unused_port()}"
+  evals = [start(["eval", f"--workdir={tmp_path / 'two'}", "--step=5", "--config.mesh.data=4",
+                  "--config.mesh.fsdp=1", *process_args(address, 2, i)], devices=4)
+           for i in range(2)]
+  results = [finish(p) for p in evals]
+  for code, _, err in results:
+    assert code == 0, err[-3000:]
+  written = json.loads((tmp_path / "two" / "eval_5.json").read_text())["sets"]
+  for name, prefix in (("val", "eval_"), ("more", "eval/more/")):
+    for metric in ("loss", "accuracy", "bpb", "documents"):
+      np.testing.assert_allclose(written[name][metric], one[-1][prefix + metric], rtol=1e-5)
+  assert "wrote" in results[0][1] and "wrote" not in results[1][1]
 
 
 @pytest.mark.slow

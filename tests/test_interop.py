@@ -121,11 +121,16 @@ def test_import_refuses_an_unknown_architecture(tmp_path):
     interop.load_hf(tmp_path)
 
 
-def test_convert_hf_tool_round_trips_a_checkpoint_through_a_run_directory(tmp_path):
+def _convert_hf_tool():
   spec = importlib.util.spec_from_file_location(
       "convert_hf", pathlib.Path(__file__).parent.parent / "tools" / "convert_hf.py")
   convert_hf = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(convert_hf)
+  return convert_hf
+
+
+def test_convert_hf_tool_round_trips_a_checkpoint_through_a_run_directory(tmp_path):
+  convert_hf = _convert_hf_tool()
   original = random_hf_model(HF_MODELS["llama_gqa_theta5e5"])
   original.save_pretrained(tmp_path / "hf")
   convert_hf.main(["to_bigflax", str(tmp_path / "hf"), str(tmp_path / "run"), "--scan_layers"])
@@ -136,3 +141,68 @@ def test_convert_hf_tool_round_trips_a_checkpoint_through_a_run_directory(tmp_pa
   assert back.state_dict().keys() == expected.keys()
   for name, tensor in back.state_dict().items():
     assert torch.equal(tensor, expected[name]), name
+
+
+TOKENIZER_TEXT = ["def greet(name):\n    return f'héllo {name} ✓'\n",
+                  "the quick brown fox jumps over the lazy dog\n",
+                  "for i in range(10):\n    print(i * i)  # squares\n"] * 40
+
+
+def save_hf_gpt2_with_tokenizer(directory: pathlib.Path, n_positions: int = 64):
+  """A tiny GPT-2 as transformers saves it, with a byte-level BPE trained here (GPT-2's kind of
+  tokenizer, nothing downloaded); returns (model, transformers tokenizer)."""
+  tokenizers = pytest.importorskip("tokenizers")
+  bpe = tokenizers.Tokenizer(tokenizers.models.BPE())
+  bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+  bpe.decoder = tokenizers.decoders.ByteLevel()
+  bpe.train_from_iterator(TOKENIZER_TEXT, tokenizers.trainers.BpeTrainer(
+      vocab_size=320, special_tokens=["<|endoftext|>"],
+      initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
+  tokenizer = transformers.PreTrainedTokenizerFast(
+      tokenizer_object=bpe, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+  config = transformers.GPT2Config(
+      vocab_size=len(tokenizer), n_positions=n_positions, n_embd=32, n_layer=2, n_head=4,
+      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=tokenizer.bos_token_id,
+      eos_token_id=tokenizer.eos_token_id)
+  model = random_hf_model(config)
+  model.save_pretrained(directory)
+  tokenizer.save_pretrained(directory)
+  return model, tokenizer
+
+
+def test_hf_tokenizer_reads_what_transformers_writes(tmp_path):
+  from bigflax.data.tokenizers import HFTokenizer
+  _, reference = save_hf_gpt2_with_tokenizer(tmp_path)
+  ours = HFTokenizer(str(tmp_path))
+  text = "def f(x):\n    return 'héllo ✓ 🙂'  # unseen: 🙂\n"
+  ids = ours.encode(text)
+  assert list(ids) == reference.encode(text, add_special_tokens=False)
+  assert list(ours.encode_document(text.encode(), "t")) == reference.encode(text)  # GPT-2: none
+  assert ours.decode(ids) == text and ours.vocab_size == len(reference)
+  assert (ours.bos_token, ours.bos_id) == ("<|endoftext|>", reference.bos_token_id)
+  lengths = ours.byte_lengths()
+  assert lengths.dtype == np.int64 and lengths.shape == (ours.vocab_size,)
+  assert lengths[ids].sum() == len(text.encode()) and lengths[ours.eos_id] == 0
+  assert lengths.max() > 2  # merged tokens stand for several bytes
+
+
+def test_a_converted_gpt2_continues_a_prompt_with_transformers_text(tmp_path):
+  from bigflax import decode, rundir
+  model, tokenizer = save_hf_gpt2_with_tokenizer(tmp_path / "hf")
+  convert_hf = _convert_hf_tool()
+  convert_hf.main(["to_bigflax", str(tmp_path / "hf"), str(tmp_path / "run")])
+  assert sorted(p.name for p in (tmp_path / "run" / "tokenizer").iterdir()) == [
+      "tokenizer.json", "tokenizer_config.json"]
+  config, ours, params, hf_tokenizer = rundir.load_run(tmp_path / "run")
+  assert config.data.tokenizer == "hf"
+  prompt = "def greet(name):\n    return"
+  text = decode.sample_text(ours, params, hf_tokenizer, prompt, max_new_tokens=16,
+                            temperature=0.0, top_k=0, top_p=1.0, seed=0)
+  inputs = tokenizer(prompt, return_tensors="pt")
+  with torch.no_grad():
+    out = model.generate(**inputs, max_new_tokens=16, do_sample=False, min_new_tokens=16)
+  expected = tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+  assert len(expected) > 8 and text == expected
+  convert_hf.main(["to_hf", str(tmp_path / "run"), str(tmp_path / "back")])  # the tokenizer too
+  back = transformers.AutoTokenizer.from_pretrained(tmp_path / "back")
+  assert back.encode(prompt + text) == tokenizer.encode(prompt + text)

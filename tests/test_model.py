@@ -10,6 +10,7 @@ import optax
 import pytest
 
 from bigflax import presets
+from bigflax.errors import ConfigError
 from bigflax.model import (Dropout, ModelConfig, Transformer, abstract_params, stack_layers,
                            unstack_layers)
 from bigflax.objective import next_token_loss
@@ -252,3 +253,50 @@ def test_scanned_and_unscanned_models_agree_in_outputs_and_gradients(remat):
   np.testing.assert_allclose(loss_a, loss_b, atol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), grads_a,
                unstack_layers(grads_b))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_bidirectional_attention_sees_the_future_and_never_crosses_segments(causal):
+  cfg = dataclasses.replace(CFG, causal=causal)
+  model, params = init(cfg)
+  tokens = jax.random.randint(jax.random.key(1), (1, 16), 0, 50)
+  segments = jnp.array([[1] * 6 + [2] * 6 + [0] * 4])
+  positions = jnp.array([list(range(6)) * 2 + [0] * 4])
+  logits = lambda t: model.apply({"params": params}, t, positions, segments)
+  base = logits(tokens)
+  later = logits(tokens.at[0, 4].set((tokens[0, 4] + 1) % 50))  # a later token of segment 1
+  other = logits(tokens.at[0, 9].set((tokens[0, 9] + 1) % 50))  # a token of segment 2
+  changed = np.abs(np.asarray(later - base)).max(-1)[0]
+  # Position 0 reads position 4 only when bidirectional; position 5 (after it) always does.
+  assert (changed[0] > 1e-4) == (not causal) and changed[5] > 1e-4
+  np.testing.assert_array_equal(np.asarray(later)[0, 6:12], np.asarray(base)[0, 6:12])
+  np.testing.assert_array_equal(np.asarray(other)[0, :6], np.asarray(base)[0, :6])
+
+
+def test_a_bidirectional_model_refuses_chunked_attention_and_decoding():
+  with pytest.raises(ConfigError, match="attention_chunk"):
+    dataclasses.replace(CFG, causal=False, attention_chunk=4)
+  model = Transformer(dataclasses.replace(CFG, causal=False))
+  with pytest.raises(ConfigError, match="only a causal language model generates text"):
+    model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32), decode=True)
+
+
+@pytest.mark.parametrize("name", ["gpt2_124m", "llama2_7b"])
+def test_presets_compute_in_bf16_with_f32_params_logits_and_loss(name):
+  model = ml_collections.ConfigDict(dataclasses.asdict(CFG))
+  presets.PRESETS[name](model)
+  assert (model.dtype, model.param_dtype) == ("bfloat16", "float32")
+  assert (CFG.dtype, CFG.param_dtype) == ("float32", "float32")  # the CPU-sized default
+  # The preset's options and precision at CFG's tiny sizes (tied and untied output heads).
+  cfg = dataclasses.replace(CFG, **{k: model[k] for k in (*OPTIONS, "dtype", "param_dtype")})
+  tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, 50)
+  params = nn.unbox(Transformer(cfg).init(jax.random.key(0), tokens))["params"]
+  assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
+  logits, variables = Transformer(cfg).apply({"params": params}, tokens,
+                                             capture_intermediates=True)
+  blocks = [v for path, v in jax.tree_util.tree_leaves_with_path(variables)
+            if "mlp" in jax.tree_util.keystr(path)]
+  assert blocks and all(x.dtype == jnp.bfloat16 for x in blocks)  # computed in bf16
+  assert logits.dtype == jnp.float32
+  loss, _ = next_token_loss(logits, tokens, jnp.ones_like(tokens))
+  assert loss.dtype == jnp.float32 and np.isfinite(loss)

@@ -1,8 +1,13 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
-from bigflax.objective import next_token_loss
+from bigflax import run
+from bigflax.config import base
+from bigflax.errors import ConfigError
+from bigflax.objective import (OBJECTIVES, check_config, classification_loss, mask_tokens,
+                               next_token_loss)
 
 
 def test_loss_equals_hand_computed_cross_entropy():
@@ -66,3 +71,118 @@ def test_z_loss_gradient_pulls_the_normalizer_towards_one():
   extra = np.asarray(jax.grad(loss)(logits) - jax.grad(ce_only)(logits))
   # d(log²Z)/dlogit_i = 2 log Z · softmax_i = 2 (5 + log 4) / 4 for each of the 4 equal logits.
   np.testing.assert_allclose(extra, 2 * (5 + np.log(4)) / 4, rtol=1e-5)
+
+
+MASK_ID = 100
+
+
+def masked(rng=0, shape=(64, 512)):
+  tokens = jax.random.randint(jax.random.key(99), shape, 0, MASK_ID)
+  real = jnp.arange(shape[1])[None, :] < shape[1] * 3 // 4  # the last quarter is padding
+  real = jnp.broadcast_to(real, shape)
+  corrupted, chosen = mask_tokens(jax.random.key(rng), tokens, real, mask_rate=0.15,
+                                  mask_fraction=0.8, random_fraction=0.1, mask_token_id=MASK_ID)
+  return *(np.asarray(x) for x in (tokens, real, corrupted, chosen)),
+
+
+def test_mlm_masking_rates_on_a_large_batch():
+  tokens, real, corrupted, chosen = masked()
+  chosen = chosen.astype(bool)
+  assert not chosen[~real].any()  # padding is never chosen
+  np.testing.assert_array_equal(corrupted[~chosen], tokens[~chosen])  # unchosen stay
+  assert abs(chosen[real].mean() - 0.15) < 0.005  # 24,576 real tokens: 3.7 sd ≈ 0.0085 / 2
+  became_mask = corrupted[chosen] == MASK_ID
+  unchanged = corrupted[chosen] == tokens[chosen]
+  randomised = ~became_mask & ~unchanged
+  n = chosen.sum()
+  assert abs(became_mask.mean() - 0.8) < 4 * np.sqrt(0.16 / n)
+  # A random draw equals the original 1% of the time: 10% + 0.1% unchanged, 9.9% random.
+  assert abs(unchanged.mean() - 0.101) < 4 * np.sqrt(0.09 / n)
+  assert abs(randomised.mean() - 0.099) < 4 * np.sqrt(0.09 / n)
+  assert corrupted[chosen][randomised].max() < MASK_ID  # random ids are the tokenizer's own
+
+
+def test_mlm_masks_are_a_function_of_the_key():
+  assert np.array_equal(masked(3)[2], masked(3)[2])
+  assert not np.array_equal(masked(3)[3], masked(4)[3])
+
+
+def mlm_config(**mlm):
+  c = base()
+  c.objective, c.model.causal = "mlm", False
+  c.mlm.mask_token_id = MASK_ID
+  c.mlm.update(mlm)
+  return c
+
+
+def test_the_mlm_loss_reads_the_chosen_tokens_only():
+  tokens = jax.random.randint(jax.random.key(0), (4, 32), 0, MASK_ID)
+  batch = {"inputs": tokens, "segment_ids": jnp.ones_like(tokens)}
+  logits = jax.random.normal(jax.random.key(1), (4, 32, 128))
+  seen = []
+
+  def logits_fn(inputs):
+    seen.append(inputs)
+    return logits
+  loss, metrics = OBJECTIVES["mlm"].loss(logits_fn, batch, jax.random.key(2), mlm_config())
+  corrupted, chosen = mask_tokens(jax.random.key(2), tokens, tokens >= 0, mask_rate=0.15,
+                                  mask_fraction=0.8, random_fraction=0.1, mask_token_id=MASK_ID)
+  np.testing.assert_array_equal(seen[0], corrupted)  # the model reads the corrupted tokens
+  expected, _ = next_token_loss(logits, tokens, chosen)  # … and predicts the originals
+  np.testing.assert_allclose(loss, expected, rtol=1e-6)
+  assert metrics["num_tokens"] == chosen.sum() > 0
+  grad = jax.grad(lambda lg: OBJECTIVES["mlm"].loss(lambda _: lg, batch, jax.random.key(2),
+                                                    mlm_config())[0])(logits)
+  assert np.all(np.asarray(grad)[np.asarray(chosen) == 0] == 0)  # unchosen: zero loss weight
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"objective": "mlm", "model.causal": True}, "needs config.model.causal=False"),
+    ({"model.causal": False}, "needs config.model.causal=True"),
+    ({"objective": "mlm", "model.causal": False, "mlm.mask_rate": 0.0}, "mask_rate"),
+    ({"objective": "mlm", "model.causal": False, "mlm.random_fraction": 0.3},
+     "sum <= 1"),
+    ({"objective": "bert"}, "config.objective='bert' is unknown"),
+])
+def test_objective_config_errors(overrides, message):
+  c = base()
+  c.update_from_flattened_dict(overrides)
+  with pytest.raises(ConfigError, match=message):
+    check_config(c)
+
+
+def test_resolve_reserves_the_mask_id_past_the_tokenizers():
+  class Bytes:
+    vocab_size = 256
+  c = base()
+  c.objective, c.model.causal = "mlm", False
+  resolved = run.resolve(c, Bytes())
+  assert resolved.mlm.mask_token_id == 256 and resolved.model.vocab_size == 384
+  c.model.vocab_size = 256  # room for the tokenizer's ids, not for [MASK]
+  with pytest.raises(ConfigError, match="plus the \\[MASK\\] id"):
+    run.resolve(c, Bytes())
+
+
+def test_classification_loss_accuracy_and_confusion_ignore_padding_rows():
+  logits = jnp.array([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 5.0], [9.0, 0.0, 0.0]])
+  labels = jnp.array([0, 2, 2, -1])
+  loss, m = classification_loss(logits, labels)
+  log_p = jax.nn.log_softmax(logits)
+  np.testing.assert_allclose(loss, -(log_p[0, 0] + log_p[1, 2] + log_p[2, 2]) / 3, rtol=1e-6)
+  np.testing.assert_allclose(m["accuracy"], 2 / 3)
+  np.testing.assert_array_equal(m["confusion"], [[1, 0, 0], [0, 0, 0], [0, 1, 1]])
+  assert m["num_examples"] == 3
+  assert np.all(np.asarray(jax.grad(lambda lg: classification_loss(lg, labels)[0])(logits))[3]
+                == 0)
+
+
+def test_eval_summary_gives_accuracy_and_scikit_learns_macro_f1():
+  from sklearn.metrics import f1_score
+  rng = np.random.default_rng(0)
+  truth, predicted = rng.integers(0, 4, 200), rng.integers(0, 5, 200)  # label 4 never true
+  confusion = np.zeros((5, 5))
+  np.add.at(confusion, (truth, predicted), 1)
+  metrics = run.eval_summary({"loss_sum": 100.0, "num_examples": 200.0, "confusion": confusion})
+  assert metrics["accuracy"] == np.mean(truth == predicted)
+  np.testing.assert_allclose(metrics["macro_f1"], f1_score(truth, predicted, average="macro"))
+  assert metrics["loss"] == 0.5

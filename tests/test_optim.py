@@ -233,3 +233,26 @@ def test_muon_config_errors():
     optim.check_config(opt_config(name="muon", muon_learning_rate=0.0))
   with pytest.raises(ConfigError, match="muon_momentum must be in"):
     optim.check_config(opt_config(name="muon", muon_momentum=1.0))
+
+
+@pytest.mark.parametrize("trainable, trained", [
+    ("lora", {"lora_a", "lora_b", "classifier"}), ("head", {"classifier"}),
+    ("all", {"kernel", "lora_a", "lora_b", "classifier", "scale"})])
+def test_frozen_params_get_zero_updates_and_no_optimizer_state(trainable, trained):
+  params = {"block": {"query": {"kernel": jnp.ones((4, 4)), "lora_a": jnp.ones((4, 2)),
+                                "lora_b": jnp.ones((2, 4))}, "norm": {"scale": jnp.ones(4)}},
+            "classifier": {"kernel": jnp.ones((4, 3))}}
+  tx = optim.make_optimizer(opt_config(warmup_steps=0, schedule="constant"), steps=10)
+  if trainable != "all":
+    tx = optim.freeze(tx, trainable)
+  state = tx.init(params)
+  moments = [jax.tree_util.keystr(p) for p, x in jax.tree_util.tree_leaves_with_path(state)
+             if getattr(x, "ndim", 0) > 0]
+  # Adam's two moments for each trained leaf and nothing for the others.
+  assert len(moments) == 2 * sum(
+      1 for p, _ in jax.tree_util.tree_leaves_with_path(params)
+      if {k.key for k in p} & trained)
+  updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
+  for path, update in jax.tree_util.tree_leaves_with_path(updates):
+    names = {k.key for k in path}
+    assert bool(np.any(np.asarray(update))) == bool(names & trained), jax.tree_util.keystr(path)

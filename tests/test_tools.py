@@ -133,6 +133,90 @@ def test_reproduce_exits_nonzero_when_the_target_is_missed(tmp_path, corpus_file
   assert (tmp_path / "seed0" / "metrics.jsonl").exists() and (tmp_path / "seed1").is_dir()
 
 
+TINY_EXPERIMENT = """
+from bigflax.config import base
+
+TARGET_SOURCE = "a test, number 9.99"
+TARGET_SEEDS = 2
+TARGET_EVAL_LOSS = 9.99
+QUICK_OVERRIDES = {"steps": 2}
+
+
+def get_config():
+  c = base()
+  c.data.path, c.data.tokenizer = CORPUS, "char"
+  c.steps, c.batch_size, c.log_every, c.eval_every, c.eval_batches = 4, 8, 1, 2, 2
+  c.model.block_size, c.model.num_layers, c.model.num_heads, c.model.embed_dim = 16, 2, 2, 32
+  c.optimizer.warmup_steps, c.mesh.data = 1, 1
+  return c
+"""
+
+CUSTOM_EXPERIMENT = TINY_EXPERIMENT.replace("TARGET_EVAL_LOSS = 9.99", """
+TARGET = "accuracy above 2 (cannot be reached)"
+
+
+def reproduce(train, seeds):
+  _, final = train(None, "only", "--config.seed=0")
+  return final["eval_accuracy"] > 2, f"accuracy {final['eval_accuracy']:.3f} ({seeds} seeds)"
+""")
+
+
+def registry_dir(tmp_path, corpus_file):
+  (tmp_path / "experiments").mkdir()
+  for name, text in (("tiny_loss", TINY_EXPERIMENT), ("tiny_custom", CUSTOM_EXPERIMENT)):
+    (tmp_path / "experiments" / f"{name}.py").write_text(text.replace("CORPUS",
+                                                                      repr(str(corpus_file))))
+  (tmp_path / "experiments" / "no_target.py").write_text(
+      "from bigflax.config import base\n\ndef get_config():\n  return base()\n")
+  return tmp_path / "experiments"
+
+
+def test_reproduce_lists_the_experiments_with_targets(tmp_path, capsys, corpus_file):
+  reproduce = load_tool("reproduce")
+  assert reproduce.main(["--list", f"--experiments={registry_dir(tmp_path, corpus_file)}"]) == 0
+  lines = capsys.readouterr().out.splitlines()
+  assert lines[0].split() == ["experiment", "seeds", "target", "source"]
+  assert [line.split()[:2] for line in lines[1:]] == [["tiny_custom", "2"], ["tiny_loss", "2"]]
+  assert "accuracy above 2 (cannot be reached)" in lines[1] and "a test, number 9.99" in lines[1]
+  assert "mean eval_loss ≤ 9.99" in lines[2]
+  # The repository's own registry: the Shakespeare target and where its number comes from.
+  assert reproduce.main(["--list"]) == 0
+  row = next(line for line in capsys.readouterr().out.splitlines()
+             if line.startswith("shakespeare_char"))
+  assert row.split()[1] == "3" and "≤ 1.9175" in row and "1.9216, 1.9052, 1.8957" in row
+
+
+@pytest.mark.slow
+def test_reproduce_all_runs_the_registry_and_writes_the_table(tmp_path, corpus_file):
+  experiments, doc = registry_dir(tmp_path, corpus_file), tmp_path / "docs" / "reproductions.md"
+  common = ["tools/reproduce.py", "--all", f"--experiments={experiments}", f"--doc={doc}",
+            "--config.sample.max_new_tokens=4"]
+  quick = run_tool(*common, "--quick", f"--workdir={tmp_path / 'quick'}")
+  assert quick.returncode == 1, quick.stderr[-2000:]  # tiny_custom's target cannot be reached
+  assert "MISSED: tiny_custom" in quick.stdout
+  final = [json.loads(line) for line in
+           (tmp_path / "quick" / "tiny_loss" / "seed0" / "metrics.jsonl").read_text().splitlines()
+           if "eval_loss" in line][-1]
+  assert final["step"] == 2 and not (tmp_path / "quick" / "tiny_loss" / "seed1").exists()
+  full = run_tool(*common, f"--workdir={tmp_path / 'full'}")
+  assert full.returncode == 1, full.stderr[-2000:]
+  losses = [[json.loads(line) for line in (tmp_path / "full" / "tiny_loss" / f"seed{seed}" /
+                                           "metrics.jsonl").read_text().splitlines()
+             if "eval_loss" in line][-1]["eval_loss"] for seed in (0, 1)]
+  rows = [[cell.strip() for cell in line.strip("|").split("|")]
+          for line in doc.read_text().splitlines() if line.startswith("| tiny")]
+  # The quick rows stay beside the full ones; each row has every column filled.
+  quick_kind = "quick: 1 seed, steps=2"
+  assert [row[:2] for row in rows] == [["tiny_custom", "full"], ["tiny_custom", quick_kind],
+                                       ["tiny_loss", "full"], ["tiny_loss", quick_kind]]
+  mean, std = sum(losses) / 2, abs(losses[0] - losses[1]) / 2 ** 0.5
+  assert rows[2][2:6] == ["a test, number 9.99", "mean eval_loss ≤ 9.99",
+                          f"{mean:.4f} ± {std:.4f} (2 seeds)", "yes"]
+  assert rows[0][4].startswith("accuracy ") and rows[0][5] == "**no**"
+  assert all(re.fullmatch(r"[\d.]+ min", row[6]) and "cores" in row[7]
+             and re.fullmatch(r"\d{4}-\d\d-\d\d", row[8]) for row in rows)
+
+
 @pytest.mark.slow
 def test_bench_reports_step_time_flops_and_mfu_side_by_side(corpus_file):
   result = run_tool(
@@ -329,9 +413,11 @@ def edit_config(directory, **changes):
 def test_convert_hf_round_trips_without_torch(tmp_path, capsys, convert_hf, hf_dir):
   convert_hf.main(["to_bigflax", str(hf_dir), str(tmp_path / "run")])
   convert_hf.main(["to_hf", str(tmp_path / "run"), str(tmp_path / "back")])
-  assert capsys.readouterr().out.splitlines() == [
-      f"wrote {tmp_path}/run (config.json, params/) from {hf_dir}",
-      f"wrote {tmp_path}/back (gpt2: config.json, model.safetensors) from {tmp_path}/run"]
+  converted, back = capsys.readouterr().out.splitlines()
+  # This checkpoint has no tokenizer.json: the conversion says what to give the run before sampling.
+  assert converted.startswith(f"wrote {tmp_path}/run (config.json, params/) from {hf_dir}; it "
+                              "holds no tokenizer.json, so the run has no tokenizer")
+  assert back == f"wrote {tmp_path}/back (gpt2: config.json, model.safetensors) from {tmp_path}/run"
   original, back = interop.read_tensors(hf_dir), interop.read_tensors(tmp_path / "back")
   assert original.keys() == back.keys()
   for name in original:

@@ -60,6 +60,8 @@ def test_evaluate_reports_mean_loss_and_perplexity(corpus_file):
   result = trainer.evaluate()
   assert 2.0 < result["eval_loss"] < 5.0  # near log(vocab) at init
   np.testing.assert_allclose(result["eval_perplexity"], np.exp(result["eval_loss"]), rtol=1e-6)
+  # An ASCII corpus: one byte per character, so bits per byte is nats per token / ln 2.
+  np.testing.assert_allclose(result["eval_bpb"], result["eval_loss"] / np.log(2), rtol=1e-6)
 
 
 def test_bad_config_values_are_refused_with_the_field_name(corpus_file):

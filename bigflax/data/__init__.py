@@ -1,13 +1,19 @@
-"""Data: a source's documents (`reader`) → a tokenizer → the batches of each split (`pipeline`)."""
+"""Data: a source's documents (`reader`) → a tokenizer → the batches of each split (`pipeline`).
+
+A task's corpus is batched its own way (`TASKS`): a language model's documents into packed rows
+or windows (`pipeline`), a classifier's labelled texts one to a row (`classify`). Examples that
+are more than text (fine-tuning examples, `sft`; labelled texts) tokenize themselves once the
+tokenizer is known (their `tokenize`).
+"""
 
 import dataclasses
 import glob
 
 import numpy as np
 
-from bigflax.data import cache, mixture, shards
+from bigflax.data import cache, classify, mixture, pipeline, shards
 from bigflax.data.pipeline import (BATCHINGS, SPLIT_NAMES, TRAIN, VAL, Batches, EvalBatches,
-                                   EvalInfo, eval_batches, make_batches)
+                                   EvalInfo)
 from bigflax.data.reader import SOURCES, TextSource, open_splits
 from bigflax.data.sources import DOCUMENT_UNITS
 from bigflax.data.tokenizers import (TOKENIZERS, CharTokenizer, DataError, make_tokenizer,
@@ -23,6 +29,8 @@ class Corpus:
   tokenizer: object
   description: str
   mixture: list | None = None  # a mixture's train sources: [(name, weight, documents)]
+  task: str = "lm"  # what the corpus trains (config.task): how it is batched (TASKS)
+  labels: tuple[str, ...] = ()  # classify: the label of each id (run.resolve records them)
   _tokens: dict = dataclasses.field(default_factory=dict, repr=False)
 
   def documents(self, split: int) -> TextSource:
@@ -57,10 +65,13 @@ def check_config(c) -> None:
       raise ConfigError("config.data.mixture names its sources itself (a shard glob's format "
                         "comes from its file names); leave config.data.source, path and val_path "
                         "empty")
-  if (c.mixture or c.source == "cache") and c.batching != "packed":
+  if (c.mixture or c.source in ("cache", "sft")) and c.batching != "packed":
     raise ConfigError(f"config.data.batching={c.batching!r} reads the whole split as one token "
-                      "array, which a token cache or mixture does not keep; use "
-                      "config.data.batching=packed")
+                      "array, which a token cache, fine-tuning examples or a mixture do not "
+                      "keep; use config.data.batching=packed")
+  if len(set(c.labels)) != len(c.labels) or not all(isinstance(x, str) and x for x in c.labels):
+    raise ConfigError(f"config.data.labels={tuple(c.labels)!r} must be distinct non-empty "
+                      "strings (or empty: the labels of the training examples)")
 
 
 def _tokenizer_for(data_config, train: TextSource, val: TextSource, description: str):
@@ -73,25 +84,53 @@ def _tokenizer_for(data_config, train: TextSource, val: TextSource, description:
   return make_tokenizer(data_config)
 
 
-def load_corpus(data_config, block_size: int) -> Corpus:
-  """Opens `config.data`'s source and builds its tokenizer (a char tokenizer with no charset
-  takes the corpus's own); windows batching also needs block_size + 1 tokens in each split."""
+# config.task → (its splits of config.data, make_batches, eval_batches).
+TASKS = {
+    "lm": (open_splits, pipeline.make_batches, pipeline.eval_batches),
+    "classify": (classify.open_splits, classify.make_batches, classify.eval_batches),
+}
+
+
+def load_corpus(data_config, block_size: int, task: str = "lm") -> Corpus:
+  """Opens `config.data`'s source for `task` (config.task) and builds its tokenizer (a char
+  tokenizer with no charset takes the corpus's own); windows batching also needs
+  block_size + 1 tokens in each split."""
+  if task not in TASKS:
+    raise ConfigError(f"config.task={task!r} is unknown; choose one of {sorted(TASKS)}")
   if data_config.download_hint and data_config.path and not glob.glob(data_config.path):
     raise DataError(f"config.data.path={data_config.path!r} does not exist; download it from "
                     f"{data_config.download_hint} and pass --config.data.path=FILE")
-  if data_config.mixture:
+  if data_config.mixture and task == "lm":
     return _mixture_corpus(data_config)
-  train, val, description = open_splits(data_config)
+  train, val, description = TASKS[task][0](data_config)
   for split, documents in (("train", train), ("val", val)):
     if not len(documents):
       raise DataError(f"the {split} split of {description} has no documents; give more text or "
                       "(for val) raise config.data.val_fraction")
-  corpus = Corpus(train, val, _tokenizer_for(data_config, train, val, description),
-                  f"{description}: {len(train):,} train / {len(val):,} val documents")
+  tokenizer = _tokenizer_for(data_config, train, val, description)
+  labels = getattr(train, "names", ())
+  train, val = pipeline.tokenized(train, tokenizer), pipeline.tokenized(val, tokenizer)
+  corpus = Corpus(train, val, tokenizer,
+                  f"{description}: {len(train):,} train / {len(val):,} val documents",
+                  task=task, labels=labels)
   if data_config.batching == "windows":
     for split in (TRAIN, VAL):
       check_long_enough(corpus.tokens(split), block_size, SPLIT_NAMES[split])
   return corpus
+
+
+def make_batches(corpus, config, split: int, batch_size: int,
+                 rows: slice = slice(None)) -> Batches:
+  """The global batches of `batch_size` rows of `split` (TRAIN or VAL), or the `rows` of each
+  that one process holds, as the corpus's task batches them."""
+  return TASKS[getattr(corpus, "task", "lm")][1](corpus, config, split, batch_size, rows)
+
+
+def eval_batches(corpus, config, batch_size: int, num_batches: int,
+                 rows: slice = slice(None)) -> tuple[EvalBatches, EvalInfo]:
+  """The batches every evaluation runs and what they cover, as the corpus's task evaluates
+  (`pipeline.eval_batches`, `classify.eval_batches`)."""
+  return TASKS[getattr(corpus, "task", "lm")][2](corpus, config, batch_size, num_batches, rows)
 
 
 def _mixture_corpus(data_config) -> Corpus:
@@ -127,6 +166,7 @@ def _mixture_corpus(data_config) -> Corpus:
                 mixture=[(n, w, t) for n, w, t, _, _ in parts])
 
 
-__all__ = ["BATCHINGS", "Batches", "Corpus", "check_config", "DOCUMENT_UNITS", "DataError", "SOURCES",
-           "TOKENIZERS", "TRAIN", "VAL", "EvalBatches", "EvalInfo", "eval_batches", "load_corpus", "make_batches",
-           "make_tokenizer", "padded_vocab_size", "window_batch"]
+__all__ = ["BATCHINGS", "Batches", "Corpus", "check_config", "DOCUMENT_UNITS", "DataError",
+           "SOURCES", "TASKS", "TOKENIZERS", "TRAIN", "VAL", "EvalBatches", "EvalInfo",
+           "eval_batches", "load_corpus", "make_batches", "make_tokenizer", "padded_vocab_size",
+           "window_batch"]

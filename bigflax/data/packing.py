@@ -14,6 +14,11 @@ document boundary: every next-token prediction of every document is made exactly
 A document is cut wherever a row ends, so rows are full to the end; the only padding is after
 the stream's end, in the epoch's last row.
 
+A document is its tokens ([n]) or its tokens with a per-token loss weight ([2, n]: tokens, then 1
+where the token is one the loss counts as a target, 0 where it is context only: a fine-tuning
+example's prompt, `sft`). Weights travel with their tokens into the rows, and the loss counts a
+target only where its weight is 1 as well.
+
 Where a row falls is arithmetic on the documents' token lengths (a cumulative sum), so any row is
 made directly, reading only the documents it holds, without packing the rows before it.
 """
@@ -49,11 +54,12 @@ class Layout:
     return place, slots - self.starts[place], segment_ids, positions
 
   def rows(self, rows: np.ndarray, read) -> tuple[np.ndarray, ...]:
-    """(tokens, segment_ids, positions) of `rows`, each [n, length]; `read(number)` is a
-    document's tokens. Each document the rows touch is read once."""
+    """(tokens, segment_ids, positions, weights) of `rows`, each [n, length]; `read(number)` is a
+    document ([n] tokens, or [2, n] tokens and weights). weights is None where the documents
+    carry none (or the rows are all padding). Each document the rows touch is read once."""
     place, offsets, segment_ids, positions = self.segments(rows)
     real = segment_ids > 0
-    tokens = np.zeros(place.shape, np.int32)
+    tokens, weights = np.zeros(place.shape, np.int32), None
     needed, which = np.unique(place[real], return_inverse=True)
     if len(needed):
       offsets = offsets[real]
@@ -65,26 +71,34 @@ class Layout:
       np.maximum.at(last, which, offsets)
       spans = []
       for p, a, b in zip(needed, first, last):
-        text = read(int(self.numbers[p]))
-        if len(text) != self.ends[p] - self.starts[p]:
+        document = read(int(self.numbers[p]))
+        if document.shape[-1] != self.ends[p] - self.starts[p]:
           raise DataError(
-              f"document {self.numbers[p]} has {len(text)} tokens now but had "
+              f"document {self.numbers[p]} has {document.shape[-1]} tokens now but had "
               f"{self.ends[p] - self.starts[p]} when the split was indexed; the data or the "
               "tokenizer changed under a running pipeline: rebuild it (restart the run)")
-        spans.append(text[a:b + 1])
-      span_starts = np.cumsum([0] + [len(span) for span in spans[:-1]])
-      tokens[real] = np.concatenate(spans)[span_starts[which] + offsets - first[which]]
-    return tokens, segment_ids, positions
+        spans.append(document[..., a:b + 1])
+      span_starts = np.cumsum([0] + [span.shape[-1] for span in spans[:-1]])
+      # A split's documents all carry weights ([2, n]) or none do.
+      joined = np.concatenate(spans, axis=-1)[..., span_starts[which] + offsets - first[which]]
+      tokens[real] = joined[0] if joined.ndim == 2 else joined
+      if joined.ndim == 2:
+        weights = np.zeros(place.shape, np.int32)
+        weights[real] = joined[1]
+    return tokens, segment_ids, positions, weights
 
 
-def batch_fields(tokens: np.ndarray, segment_ids: np.ndarray,
-                 positions: np.ndarray) -> dict[str, np.ndarray]:
-  """[n, block_size + 1] rows → the batch fields, each [n, block_size]."""
-  same_segment = segment_ids[:, :-1] == segment_ids[:, 1:]
+def batch_fields(tokens: np.ndarray, segment_ids: np.ndarray, positions: np.ndarray,
+                 weights: np.ndarray | None = None) -> dict[str, np.ndarray]:
+  """[n, block_size + 1] rows → the batch fields, each [n, block_size]. A target counts in the
+  loss where it continues its input's segment and (with weights) its weight is 1."""
+  counted = (segment_ids[:, :-1] == segment_ids[:, 1:]) & (segment_ids[:, :-1] > 0)
+  if weights is not None:
+    counted &= weights[:, 1:] > 0
   return {
       "inputs": tokens[:, :-1],
       "targets": tokens[:, 1:],
-      "loss_mask": (same_segment & (segment_ids[:, :-1] > 0)).astype(np.float32),
+      "loss_mask": counted.astype(np.float32),
       "segment_ids": segment_ids[:, :-1],
       "positions": positions[:, :-1],
   }

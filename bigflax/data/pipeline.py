@@ -43,6 +43,12 @@ KEEP_TOKENS = 1 << 26
 _INDEXES = {}  # (id(documents), id(tokenizer)) → (documents, tokenizer, index); a few splits
 
 
+def tokenized(documents, tokenizer):
+  """A split's documents as the pipeline reads them: examples that are more than text
+  (fine-tuning examples, `sft`; labelled texts, `classify`) tokenize themselves, once."""
+  return documents.tokenize(tokenizer) if hasattr(documents, "tokenize") else documents
+
+
 def split_index(documents, tokenizer, source: str) -> tuple[np.ndarray, list | None]:
   """(every document's token count, every document's tokens or None), computed once per
   (documents, tokenizer): the train loop's and the eval's pipelines share it. Each document is
@@ -80,6 +86,7 @@ class PackedRows:
                source: int | None = None):
     # source: a mixture's source number, which joins the seed of its epochs' shuffles.
     name = SPLIT_NAMES[split]
+    documents = tokenized(documents, tokenizer)
     self._source = () if source is None else (source,)
     lengths, kept = split_index(documents, tokenizer, f"a {name}")
     self._numbers = np.flatnonzero(lengths >= 2)  # a shorter document has nothing to predict
@@ -90,7 +97,11 @@ class PackedRows:
     self._seed, self._split, self.length = seed, split, block_size + 1
     self.num_documents = len(self._numbers)
     self.rows_per_epoch = Layout(self._numbers, self._lengths, self.length).num_rows
-    self.predictions = int((self._lengths - 1).sum())  # per epoch
+    # Documents that carry loss weights (`packing`) say how many of their targets count.
+    self._weighted = hasattr(documents, "counted_targets")
+    self.predictions = int(  # per epoch
+        documents.counted_targets()[self._numbers].sum() if self._weighted
+        else (self._lengths - 1).sum())
     self.notices = []
     if self.num_documents == 1:
       self.notices.append(
@@ -133,21 +144,28 @@ class PackedRows:
 
   def rows(self, indices: np.ndarray, *, finite: bool = False) -> dict[str, np.ndarray]:
     """The batch fields of global rows `indices`."""
-    arrays = [np.zeros((len(indices), self.length), np.int32) for _ in range(3)]
+    # tokens, segment ids, positions and, where the documents carry them, loss weights (0 on
+    # padding, where no target counts anyway)
+    arrays = [np.zeros((len(indices), self.length), np.int32)
+              for _ in range(4 if self._weighted else 3)]
     for layout, which, rows in self._by_epoch(indices, finite):
       for array, part in zip(arrays, layout.rows(rows, self._read)):
-        array[which] = part
+        if part is not None:
+          array[which] = part
     return batch_fields(*arrays)
 
   def coverage(self, indices: np.ndarray, *, finite: bool = False) -> tuple[np.ndarray, int]:
     """(the numbers of the documents global rows `indices` predict a token of, how many
-    predictions they make), from the layout alone: no document is read."""
+    predictions they make), from the layout alone (no document is read) unless the documents
+    carry loss weights."""
     found, predictions = [], 0
     for layout, _, rows in self._by_epoch(indices, finite):
       for chunk in np.array_split(rows, -(-len(rows) // 65536)):  # bounded memory
         place, _, segment_ids, _ = layout.segments(chunk)
         predicts = (segment_ids[:, :-1] == segment_ids[:, 1:]) & (segment_ids[:, :-1] > 0)
         found.append(layout.numbers[place[:, :-1][predicts]])
+        if self._weighted:  # which targets count needs the documents' weights
+          predicts = batch_fields(*layout.rows(chunk, self._read))["loss_mask"] > 0
         predictions += int(predicts.sum())
     return np.unique(np.concatenate(found)), predictions
 

@@ -7,6 +7,8 @@
   text                the local corpus at config.data.path (built into a local TFDS dataset)
   parquet, jsonl      shards matched by the glob config.data.path, local or gs://… (`shards`)
   cache               a token cache directory config.data.path (tools/prepare_data.py; `cache`)
+  sft                 fine-tuning examples, prompt/completion or messages, in the JSON-lines
+                      file(s) config.data.path; the loss counts the answers only (`sft`)
   tfds:NAME           a prepared TFDS dataset, NAME as TFDS spells it: `lm1b`, `c4/en:3.1.0`;
                       splits config.data.train_split / val_split, documents in the feature
                       config.data.text_feature, files under config.data.data_dir
@@ -19,7 +21,7 @@ import importlib
 
 import tensorflow_datasets as tfds
 
-from bigflax.data import cache, shards, sources, text_builder
+from bigflax.data import cache, sft, shards, sources, text_builder
 from bigflax.errors import DataError, first_line
 
 
@@ -149,7 +151,7 @@ def token_cache(data_config) -> tuple:
 
 
 SOURCES = {"stdlib": stdlib, "text": text, "parquet": _sharded("parquet"),
-           "jsonl": _sharded("jsonl"), "cache": token_cache}
+           "jsonl": _sharded("jsonl"), "cache": token_cache, "sft": sft.open_splits}
 
 
 def open_splits(data_config) -> tuple[TextSource, TextSource, str]:

@@ -7,6 +7,8 @@ and there the segment boundaries alone keep documents apart.
 """
 
 import contextlib
+import functools
+import json
 import os
 import pathlib
 import re
@@ -14,6 +16,8 @@ import uuid
 
 import numpy as np
 import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2
+import tokenizers
 
 from bigflax.errors import DataError, first_line
 
@@ -35,6 +39,10 @@ class ByteTokenizer:
 
   def decode(self, ids) -> str:
     return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+
+  def byte_lengths(self) -> np.ndarray:
+    """UTF-8 bytes each id stands for (bits per byte): one each."""
+    return np.ones(self.vocab_size, np.int64)
 
 
 class CharTokenizer:
@@ -96,6 +104,10 @@ class CharTokenizer:
   def decode(self, ids) -> str:
     return "".join(self.charset[int(i)] for i in ids)
 
+  def byte_lengths(self) -> np.ndarray:
+    """UTF-8 bytes each id's character takes (bits per byte)."""
+    return np.array([len(ch.encode("utf-8")) for ch in self.charset], np.int64)
+
 
 class SentencePieceTokenizer:
   """A trained sentencepiece model (`.model` file; `tools/train_tokenizer.py` makes one)."""
@@ -130,11 +142,141 @@ class SentencePieceTokenizer:
   def decode(self, ids) -> str:
     return self._sp.decode([int(i) for i in ids])  # BOS/EOS/padding decode to nothing
 
+  def byte_lengths(self) -> np.ndarray:
+    """UTF-8 bytes each id decodes to inside a text (bits per byte): a byte piece 1, a piece's
+    ▁ the space it stands for, <unk>/BOS/EOS/control pieces 0."""
+    sp = self._sp
+    return np.array([0 if sp.is_control(i) or sp.is_unknown(i) else 1 if sp.is_byte(i)
+                     else len(sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
+                     for i in range(self.vocab_size)], np.int64)
+
+  def dummy_prefix_bytes(self, inputs: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """1 where a target is a document's first piece (it follows BOS) and starts with the ▁ that
+    sentencepiece's dummy prefix put there, a space no text holds; byte_lengths counts it, so
+    bits per byte takes these off. 0 elsewhere, and everywhere for a model without that prefix."""
+    return ((inputs == self._bos) & self._prefixed[targets]).astype(np.int64)
+
+  @functools.cached_property
+  def _prefixed(self) -> np.ndarray:
+    """Which ids start with ▁, when the model adds a dummy prefix (else none)."""
+    proto = sentencepiece_model_pb2.ModelProto.FromString(self._sp.serialized_model_proto())
+    return np.array([proto.normalizer_spec.add_dummy_prefix
+                     and self._sp.id_to_piece(i).startswith("\u2581")
+                     for i in range(self.vocab_size)], bool)
+
+
+# A Hugging Face tokenizer directory: tokenizer.json (the tokenizer itself) and what
+# transformers' save_pretrained writes beside it (special tokens, chat template).
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                      "chat_template.jinja")
+_BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # sentencepiece-style byte fallback pieces
+
+
+@functools.cache
+def _byte_level_bytes() -> dict[str, int]:
+  """GPT-2's byte-level alphabet, character → byte (the tokenizers library's ByteLevel decoder):
+  printable bytes stand for themselves, the other 68 for 256 + their rank."""
+  kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+          *range(ord("®"), ord("ÿ") + 1)]
+  moved = [b for b in range(256) if b not in kept]
+  return {**{chr(b): b for b in kept}, **{chr(256 + i): b for i, b in enumerate(moved)}}
+
+
+def _token_content(value) -> str | None:
+  """A special token as tokenizer_config.json writes it: a string, or an AddedToken's dict."""
+  return value.get("content") if isinstance(value, dict) else value
+
+
+class HFTokenizer:
+  """A Hugging Face tokenizer directory (GPT-2's byte-level BPE, Llama's, …) through the
+  `tokenizers` library. Special tokens, whether documents get BOS/EOS and the chat template come
+  from tokenizer_config.json (and special_tokens_map.json) the way transformers reads them: an
+  explicit add_bos_token/add_eos_token there decides, else tokenizer.json's post-processor."""
+
+  def __init__(self, directory: str):
+    if not directory:
+      raise DataError("config.data.tokenizer='hf' needs config.data.tokenizer_model, a directory "
+                      "holding a Hugging Face tokenizer.json (save_pretrained writes one)")
+    root = pathlib.Path(directory).expanduser()
+    if not (root / "tokenizer.json").is_file():
+      what = "holds no tokenizer.json" if root.is_dir() else "is not a directory"
+      raise DataError(f"config.data.tokenizer_model={directory!r} {what}; point it at a Hugging "
+                      "Face tokenizer directory (tokenizer.save_pretrained(DIR) writes "
+                      "DIR/tokenizer.json)")
+    self.directory = str(root)
+    try:
+      self._tokenizer = tokenizers.Tokenizer.from_file(str(root / "tokenizer.json"))
+      settings = {}
+      for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the latter wins
+        if (root / name).is_file():
+          settings.update(json.loads((root / name).read_text(encoding="utf-8")))
+    except Exception as e:  # noqa: BLE001 - any unreadable file is reported the same way
+      raise DataError(f"the Hugging Face tokenizer in {directory} does not load "
+                      f"({first_line(e)}); save it again with save_pretrained") from None
+    self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
+    self.bos_token = _token_content(settings.get("bos_token"))
+    self.eos_token = _token_content(settings.get("eos_token"))
+    self.bos_id = None if self.bos_token is None else self._tokenizer.token_to_id(self.bos_token)
+    self.eos_id = None if self.eos_token is None else self._tokenizer.token_to_id(self.eos_token)
+    template = settings.get("chat_template")
+    if isinstance(template, list):  # named templates: [{"name": …, "template": …}]
+      template = {t["name"]: t["template"] for t in template}.get("default")
+    if template is None and (root / "chat_template.jinja").is_file():
+      template = (root / "chat_template.jinja").read_text(encoding="utf-8")
+    self.chat_template = template
+    if "add_bos_token" in settings or "add_eos_token" in settings:
+      bos = [self.bos_token] if settings.get("add_bos_token") and self.bos_id is not None else []
+      eos = [self.eos_token] if settings.get("add_eos_token") and self.eos_id is not None else []
+      self._tokenizer.post_processor = tokenizers.processors.TemplateProcessing(
+          single=[*bos, "$A", *eos],
+          special_tokens=[(t, self._tokenizer.token_to_id(t)) for t in {*bos, *eos}])
+
+  def encode(self, text: str, source: str = "text") -> np.ndarray:
+    del source  # any text encodes (byte-level BPE has every byte; others map to <unk>)
+    return np.asarray(self._tokenizer.encode(text, add_special_tokens=False).ids, np.int32)
+
+  def encode_bytes(self, raw: bytes, source: str) -> np.ndarray:
+    return self.encode(raw.decode("utf-8", errors="replace"), source)
+
+  def encode_document(self, raw: bytes, source: str) -> np.ndarray:
+    del source
+    ids = self._tokenizer.encode(raw.decode("utf-8", errors="replace"), add_special_tokens=True)
+    return np.asarray(ids.ids, np.int32)
+
+  def decode(self, ids) -> str:
+    return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
+
+  def byte_lengths(self) -> np.ndarray:
+    """UTF-8 bytes each id stands for in decoded text (0 for special tokens): bits per byte."""
+    added = self._tokenizer.get_added_tokens_decoder()  # literal text, not byte-level pieces
+    special = {i for i, t in added.items() if t.special}
+    decoder = self._tokenizer.decoder
+    byte_level = isinstance(decoder, tokenizers.decoders.ByteLevel)
+    alphabet = _byte_level_bytes()
+    lengths = np.zeros(self.vocab_size, np.int64)
+    for i in range(self.vocab_size):
+      token = self._tokenizer.id_to_token(i)
+      if i in special or token is None:
+        continue
+      if i in added:
+        lengths[i] = len(token.encode("utf-8"))
+      elif byte_level:
+        lengths[i] = sum(1 if ch in alphabet else len(ch.encode("utf-8")) for ch in token)
+      elif _BYTE_PIECE.fullmatch(token):
+        lengths[i] = 1
+      elif decoder is None:
+        lengths[i] = len(token.encode("utf-8"))
+      else:  # after a leading piece, so decoders that strip the text's first space do not here
+        lengths[i] = (len(decoder.decode(["a", token]).encode("utf-8"))
+                      - len(decoder.decode(["a"]).encode("utf-8")))
+    return lengths
+
 
 TOKENIZERS = {
     "byte": lambda data_config: ByteTokenizer(),
     "char": lambda data_config: CharTokenizer(data_config.charset),
     "sentencepiece": lambda data_config: SentencePieceTokenizer(data_config.tokenizer_model),
+    "hf": lambda data_config: HFTokenizer(data_config.tokenizer_model),
 }
 
 # The model's vocabulary is the tokenizer's rounded up to this: matmuls on whole tiles (TPU lanes

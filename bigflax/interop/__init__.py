@@ -114,18 +114,26 @@ def read_config(directory) -> tuple[object, dict]:
   return family, hf_config
 
 
+def model_fields(directory) -> tuple[object, dict]:
+  """(converter module, config.model fields) of a transformers directory, from config.json alone
+  (no tensor is read)."""
+  family, hf_config = read_config(directory)
+  try:
+    return family, family.config_from_hf(hf_config)
+  except KeyError as e:
+    raise InteropError(f"{pathlib.Path(directory) / 'config.json'} lacks {e.args[0]!r}, which a "
+                       f"{hf_config['model_type']} config.json has; save the model again with "
+                       "save_pretrained") from None
+
+
 def load_hf(directory, param_dtype: str = "float32") -> tuple[dict, dict]:
   """(config.model fields, params in bigflax's unscanned layout) of a transformers directory.
-  Every problem with the directory (missing, not JSON, an unsupported model, weights that do not
-  match config.json) is an InteropError."""
+  The params are host (numpy) arrays, so each caller places them where it needs (a sharded run:
+  each device its shards). Every problem with the directory (missing, not JSON, an unsupported
+  model, weights that do not match config.json) is an InteropError."""
   directory = pathlib.Path(directory)
-  family, hf_config = read_config(directory)
+  family, fields = model_fields(directory)
   config_path = directory / "config.json"
-  try:
-    fields = family.config_from_hf(hf_config)
-  except KeyError as e:
-    raise InteropError(f"{config_path} lacks {e.args[0]!r}, which a {hf_config['model_type']} "
-                       "config.json has; save the model again with save_pretrained") from None
   fields["param_dtype"] = param_dtype
   try:
     cfg = ModelConfig(**fields)
@@ -133,12 +141,21 @@ def load_hf(directory, param_dtype: str = "float32") -> tuple[dict, dict]:
     raise InteropError(f"{config_path} describes a model bigflax cannot build: {e}") from None
   check_tensors(directory, family, cfg)
   params = family.params_from_hf(read_tensors(directory), cfg)
-  params = jax.tree.map(lambda x: jnp.asarray(x, DTYPES[param_dtype]), params)
+  params = jax.tree.map(lambda x: np.asarray(x, DTYPES[param_dtype]), params)
   return fields, params
 
 
 def family_of(cfg: ModelConfig) -> str:
   """The first family whose architecture can hold `cfg`, or an error listing what differs."""
+  for bigflax_only, fix in (
+      (cfg.num_labels, f"is a classifier (model.num_labels={cfg.num_labels}); only causal "
+       "language models convert"),
+      (not cfg.causal, "is bidirectional (model.causal=False, a masked LM); only causal language "
+       "models convert"),
+      (cfg.lora_rank, f"has LoRA adapters (finetune.lora_rank={cfg.lora_rank}); fold them in first "
+       "with `bigflax export --merge` and convert the export")):
+    if bigflax_only:
+      raise InteropError(f"this model has no transformers counterpart: it {fix}")
   problems = {name: family.unsupported(cfg) for name, family in FAMILIES.items()}
   for name, problem in problems.items():
     if not problem:
