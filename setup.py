@@ -64,7 +64,10 @@ setup(
         # unconstrained torch pulls several GB of CUDA wheels.
         "test": ["pytest>=8.0", "portpicker>=1.6.0", "jax[tpu]>=0.7.1", "torch>=2.13",
                  "transformers>=5.23", "lm_eval[hf]>=0.4.10",
-                 "optuna>=4.9", "scikit-learn>=1.9.1", "wandb>=0.31"],
+                 "optuna>=4.9", "scikit-learn>=1.9.1", "wandb>=0.31",
+                 # tests/test_notebook.py runs notebooks/quickstart.ipynb in a Python kernel and
+                 # checks its jupytext pair (the releases it has passed with)
+                 "nbclient>=0.11.0", "nbformat>=5.11.1", "ipykernel>=7.4.0", "jupytext>=1.19.6"],
     },
     entry_points={"console_scripts": ["bigflax=bigflax.cli:main"]},
 )

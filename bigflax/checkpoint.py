@@ -7,20 +7,27 @@ Orbax's OCDBT format, restored straight into the shardings of whatever mesh the 
 ever pickled. Orbax writes each save to `<step>.orbax-checkpoint-tmp/` and renames it on commit,
 so a save killed half-way never shadows the previous checkpoint; the manager deletes such
 leftovers when it opens the directory.
+
+A run whose base params are frozen (config.finetune.trainable lora or head: LoRA adapters or a
+classifier head on a pretrained model) stores only the params that train, and names its base in
+the step's metadata (`frozen_base`); the frozen params come from that base again when the
+checkpoint is restored or read, so a checkpoint is the size of what trains.
 """
 
 import contextlib
 import json
+import os
 import pathlib
 import signal
 import threading
 
 import jax
 import jax.numpy as jnp
+import optax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-from bigflax import sharding
+from bigflax import optim, sharding
 from bigflax.errors import CheckpointError, NonFiniteError, first_line
 
 # Config fields a resumed run must share with its checkpoint: they fix the stored arrays' shapes
@@ -94,20 +101,64 @@ def config_differences(stored: dict, current: dict) -> list[str]:
           if stored.get(key) != current.get(key)]
 
 
-def state_item(state, rng, mesh) -> dict:
-  """What a checkpoint stores of a train state and its dropout key; the key as raw data (typed
-  keys are not an array dtype Orbax writes), replicated so every host holds it."""
+def frozen_base(config) -> dict | None:
+  """What a run whose base params are frozen records in its checkpoints' metadata instead of
+  them: the source they come from (config.init_from as an absolute path, so a resume from another
+  directory finds it; "" for the init of config.seed) and config.finetune.trainable (which params
+  the checkpoint holds). None when every param trains: its checkpoints hold them all."""
+  trainable = optim.trainable_of(config.finetune)
+  if trainable == "all":
+    return None
+  spec = config.get("init_from") or ""
+  return {"init_from": os.path.abspath(os.path.expanduser(spec)) if spec else "",
+          "trainable": trainable}
+
+
+def describe_base(base: dict) -> str:
+  return (f"config.init_from={base['init_from']!r}" if base["init_from"]
+          else "the init of config.seed")
+
+
+def base_unreadable(run: str, base: dict, error: Exception) -> CheckpointError:
+  """`run`'s checkpoints lack its frozen params, and their source (`base`) cannot be read."""
+  return CheckpointError(
+      f"the checkpoints of {run} hold only the params config.finetune.trainable="
+      f"{base['trainable']!r} trains; the frozen rest comes from its source again, which cannot "
+      f"be read: {first_line(error)}")
+
+
+def trainable_only(params, trainable: str):
+  """`params` with the leaves `trainable` (config.finetune.trainable) freezes replaced by optax's
+  empty MaskedNode, as the optimizer state holds them: what a frozen-base checkpoint stores."""
+  return jax.tree.map(lambda p, t: p if t else optax.MaskedNode(), params,
+                      optim.trainable_mask(params, trainable))
+
+
+def with_frozen(stored, base):
+  """`base` (a full params tree) with the leaves `stored` (a `trainable_only` tree) holds."""
+  return jax.tree.map(lambda s, b: b if isinstance(s, optax.MaskedNode) else s, stored, base,
+                      is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+
+
+def state_item(state, rng, mesh, base: dict | None = None) -> dict:
+  """What a checkpoint stores of a train state and its dropout key: with a `frozen_base`, only
+  the params that train. The key as raw data (typed keys are not an array dtype Orbax writes),
+  replicated so every host holds it."""
   rng = jax.device_put(jax.random.key_data(rng), sharding.replicated(mesh))
-  return {"params": state.params, "opt_state": state.opt_state, "step": state.step, "rng": rng}
+  return _item(state, rng, base)
 
 
-def abstract_state_item(abstract_state, mesh) -> dict:
+def abstract_state_item(abstract_state, mesh, base: dict | None = None) -> dict:
   """`state_item`'s shapes and dtypes in the run's own shardings: the restore target."""
   rng = jax.ShapeDtypeStruct(jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))).shape,
                              jnp.uint32,
                              sharding=sharding.replicated(mesh))
-  return {"params": abstract_state.params, "opt_state": abstract_state.opt_state,
-          "step": abstract_state.step, "rng": rng}
+  return _item(abstract_state, rng, base)
+
+
+def _item(state, rng, base: dict | None) -> dict:
+  params = state.params if base is None else trainable_only(state.params, base["trainable"])
+  return {"params": params, "opt_state": state.opt_state, "step": state.step, "rng": rng}
 
 
 @jax.jit
@@ -116,6 +167,16 @@ def _all_finite(tree):
   not, on CPU). Cheaper than isfinite().all(), and a save blocks the loop for this."""
   floats = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
   return jnp.isfinite(sum(jnp.sum(x * 0, dtype=jnp.float32) for x in floats))
+
+
+def _stored_base(manager: ocp.CheckpointManager, step: int) -> dict | None:
+  """The `frozen_base` checkpoint `step` was written over (None: it holds every param)."""
+  return (manager.metadata(step).custom_metadata or {}).get("frozen_base")
+
+
+def _held(base: dict | None) -> str:
+  return ("every param" if base is None else f"only the params config.finetune.trainable="
+          f"{base['trainable']!r} trains, over the frozen base {describe_base(base)}")
 
 
 def _item_handlers() -> dict:
@@ -160,27 +221,31 @@ class Checkpointer:
     distributed preemption service; always False without it)."""
     return self._manager.reached_preemption(step)
 
-  def save(self, step: int, item: dict, data_state: dict, config: dict) -> None:
+  def save(self, step: int, item: dict, data_state: dict, config: dict,
+           base: dict | None = None) -> None:
     """Starts writing checkpoint `step`: the state item (`state_item`), the data position and
     the config, whether or not `should_save`; returns once the arrays are copied off the devices,
-    so the next step may overwrite them. Refuses a non-finite state: it would poison every later
-    resume."""
+    so the next step may overwrite them. A `frozen_base` item is recorded in the step's metadata.
+    Refuses a non-finite state: it would poison every later resume."""
     if not bool(_all_finite(item)):
       raise NonFiniteError(f"the train state at step {step} holds NaN or Inf values, so it was "
                            "not checkpointed; " + NonFiniteError.FIX)
     self._manager.save(step, force=True, args=ocp.args.Composite(
         state=ocp.args.StandardSave(item), data=ocp.args.JsonSave(data_state),
-        config=ocp.args.JsonSave(config)))
+        config=ocp.args.JsonSave(config)), custom_metadata={"frozen_base": base} if base else None)
 
-  def restore(self, step: int, target: dict, config: dict) -> tuple[dict, dict]:
+  def restore(self, step: int, target: dict, config: dict,
+              base: dict | None = None) -> tuple[dict, dict]:
     """(state item, data position) of checkpoint `step`, the arrays restored straight into the
-    shardings of `target` (`abstract_state_item`), after checking that the checkpoint's config
-    agrees with `config` on what it fixes and its arrays have the target's shapes."""
+    shardings of `target` (`abstract_state_item` with the run's `frozen_base`, `base`), after
+    checking that the checkpoint's config agrees with `config` on what it fixes, that it was
+    written over the same frozen base (or none), and that its arrays have the target's shapes."""
     where = self.step_dir(step)
     try:
       stored_config = self._manager.restore(
           step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
       stored_tree = self._manager.item_metadata(step)["state"].tree
+      stored_base = _stored_base(self._manager, step)
     except Exception as e:  # noqa: BLE001 - any unreadable file is reported the same way
       raise self._unreadable(step, e) from e
     differences = config_differences(stored_config, config)
@@ -188,6 +253,11 @@ class Checkpointer:
       raise CheckpointError(
           f"{where} was written with a different config; these fields must match to resume:"
           f"{_listed(differences)}\nrun with the checkpoint's values (see "
+          f"{self.directory.parent / 'config.json'}), or pick a new --workdir to start over")
+    if stored_base != base:
+      raise CheckpointError(
+          f"{where} holds {_held(stored_base)}, but this run's would hold {_held(base)}; resume "
+          "with the checkpoint's config.finetune.trainable and config.init_from (see "
           f"{self.directory.parent / 'config.json'}), or pick a new --workdir to start over")
     check_shapes(stored_tree, target, where)
     try:
@@ -240,10 +310,11 @@ def stop_signals():
       signal.signal(signum, handler)
 
 
-def read_params(workdir, abstract_params, step: int | None = None) -> tuple[int, dict]:
-  """(step, params) of checkpoint `step` (default: the latest) in `workdir`, restored into
-  `abstract_params`' shapes and shardings, without its optimizer state. Read-only: a run still
-  training there is not disturbed."""
+def read_params(workdir, abstract_params, step: int | None, base_params) -> tuple[int, dict]:
+  """(step, params) of checkpoint `step` (None: the latest) in `workdir`, restored into
+  `abstract_params`' shapes and shardings, without its optimizer state. Of a checkpoint written
+  over a frozen base, the frozen params are `base_params(frozen_base)`'s (a full params tree in
+  those shardings). Read-only: a run still training there is not disturbed."""
   directory = checkpoints_dir(workdir)
   manager = ocp.CheckpointManager(
       directory, item_handlers={"state": ocp.PyTreeCheckpointHandler()},
@@ -261,17 +332,20 @@ def read_params(workdir, abstract_params, step: int | None = None) -> tuple[int,
     try:
       stored = manager.item_metadata(step)["state"]
       stored = getattr(stored, "tree", stored)["params"]
+      base = _stored_base(manager, step)
     except Exception as e:  # noqa: BLE001
       raise CheckpointError(f"checkpoint {where} is corrupted or incomplete "
                             f"({first_line(e)})") from None
-    check_shapes(stored, abstract_params, where)
+    target = abstract_params if base is None else trainable_only(abstract_params, base["trainable"])
+    check_shapes(stored, target, where)
     try:
       restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-          item={"params": abstract_params},
+          item={"params": target},
           restore_args=jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding),
-                                    {"params": abstract_params}),
+                                    {"params": target}),
           partial_restore=True)))
     except Exception as e:  # noqa: BLE001
       raise CheckpointError(f"checkpoint {where} is corrupted or incomplete "
                             f"({first_line(e)})") from None
-  return step, restored["state"]["params"]
+  params = restored["state"]["params"]
+  return step, params if base is None else with_frozen(params, base_params(base))

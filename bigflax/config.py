@@ -437,23 +437,30 @@ def profile_steps(c: ml_collections.ConfigDict) -> tuple[int, int] | None:
   return first, last
 
 
-def load_experiment(spec: str) -> ml_collections.ConfigDict:
-  """The config of an experiment file, `PATH` or `PATH:ARG` (`get_config(ARG)`); ConfigError
-  naming the file and the fix when it cannot be read."""
-  path, _, arg = spec.partition(":")
+def load_python_file(path: str, flag: str, what: str):
+  """The module a user's Python file defines (an experiment, a search space); ConfigError naming
+  `flag` and the file, in one line, when it is missing or fails to load."""
   file = pathlib.Path(path).expanduser()
   if not file.is_file():
-    raise ConfigError(f"--config {path}: no such file; give an experiment file such as "
-                      "experiments/shakespeare_char.py")
-  module_spec = importlib.util.spec_from_file_location(f"experiment_{file.stem}", file)
+    raise ConfigError(f"{flag} {path}: no such file; give {what}")
+  module_spec = importlib.util.spec_from_file_location(f"user_{file.stem}", file)
   module = importlib.util.module_from_spec(module_spec)
   try:
     module_spec.loader.exec_module(module)
   except SyntaxError as e:
-    raise ConfigError(f"--config {path}: syntax error at line {e.lineno}: {e.msg}") from None
+    raise ConfigError(f"{flag} {path}: syntax error at line {e.lineno}: {e.msg}") from None
   except Exception as e:  # noqa: BLE001 - any failure of the user's file is reported, one line
-    raise ConfigError(f"--config {path}: the file failed to load ({type(e).__name__}: "
+    raise ConfigError(f"{flag} {path}: the file failed to load ({type(e).__name__}: "
                       f"{str(e).splitlines()[0] if str(e) else ''}); fix it and run again") from None
+  return module
+
+
+def load_experiment(spec: str) -> ml_collections.ConfigDict:
+  """The config of an experiment file, `PATH` or `PATH:ARG` (`get_config(ARG)`); ConfigError
+  naming the file and the fix when it cannot be read."""
+  path, _, arg = spec.partition(":")
+  module = load_python_file(path, "--config", "an experiment file such as "
+                            "experiments/shakespeare_char.py")
   if not callable(getattr(module, "get_config", None)):
     raise ConfigError(f"--config {path} defines no get_config(); an experiment file defines "
                       "get_config() returning bigflax.config.base() with its changes")

@@ -165,8 +165,14 @@ def _flat(tree) -> dict:
 
 
 def _source_model(source: Source) -> ModelConfig:
+  """The model that wrote the source's params, LoRA adapters included (a fine-tuned run's)."""
   fields, _ = describe(source)
-  return ModelConfig(**_known_fields(fields))
+  finetune = {}
+  if source.kind == "run":
+    config = rundir.read_config(source.path)
+    finetune = {name: config.finetune[name] for name in FINETUNE_FIELDS
+                if name in config.get("finetune", {})}
+  return ModelConfig(**_known_fields(fields), **finetune)
 
 
 def _restore_run(source: Source, abstract):
@@ -222,6 +228,11 @@ def load_params(spec, run, fresh_params=None):
             for path, leaf in _flat(params).items() if path in targets}
 
   kept = jax.eval_shape(convert, stored)
+  if source_cfg.lora_rank and not any("lora_" in path for path in kept):
+    raise ConfigError(f"config.init_from={source.spec!r} is a LoRA run, and this run has no "
+                      "adapters to take its own: starting from its base alone would lose them; "
+                      "fold them in first (bigflax export --workdir SOURCE --merge --output DIR) "
+                      "and start from DIR")
   if fresh_params is None:
     missing = sorted(targets.keys() - kept.keys())
     if missing:

@@ -185,7 +185,8 @@ def load_run(workdir, step: int | None = None):
 
 def read_params(workdir, abstract, step: int | None = None):
   """A run's params/ export, or checkpoint `step` (the latest when the run has no export),
-  restored straight into `abstract`'s shapes, dtypes and shardings."""
+  restored straight into `abstract`'s shapes, dtypes and shardings (of a checkpoint that holds
+  only what trained, the frozen params rebuilt from the run's base)."""
   if step is None and params_dir(workdir).exists():
     path = params_dir(workdir)
 
@@ -203,8 +204,27 @@ def read_params(workdir, abstract, step: int | None = None):
       except Exception as e:  # noqa: BLE001
         raise corrupted(e) from None
   else:
-    _, params = checkpoint.read_params(workdir, abstract, step)
+    _, params = checkpoint.read_params(
+        workdir, abstract, step, lambda base: _frozen_params(workdir, base, abstract))
   return params
+
+
+def _frozen_params(workdir, base: dict, abstract):
+  """The params a run froze (checkpoint.frozen_base `base`): its init from config.seed under the
+  params of its source, as it trained on them; built on one device, then placed as `abstract`."""
+  # pretrained reads run directories through this module; run builds what it reads.
+  from bigflax import pretrained, run as run_lib  # noqa: PLC0415
+  config = read_config(workdir)
+  config.mesh.update(data=1, fsdp=1, tensor=1)
+  built = run_lib.build(config, jax.devices()[:1])
+  params = built.init_state(jax.random.key(config.seed)).params
+  if base["init_from"]:
+    try:
+      source = pretrained.parse(base["init_from"])
+    except UserError as e:
+      raise checkpoint.base_unreadable(str(workdir), base, e) from None
+    params = pretrained.load_params(source, built, params)
+  return jax.device_put(params, jax.tree.map(lambda a: a.sharding, abstract))
 
 
 def load_export(workdir):

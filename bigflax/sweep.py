@@ -27,7 +27,6 @@ import contextlib
 import copy
 import ctypes
 import fcntl
-import importlib.util
 import json
 import multiprocessing
 import os
@@ -71,17 +70,8 @@ def _pruners(optuna, startup_trials: int):
 
 def load_space(path: str):
   """The `space(trial, config)` function of a search-space file; UserError naming the file."""
-  file = pathlib.Path(path)
-  if not file.is_file():
-    raise UserError(f"--space {path}: no such file; give a Python file defining "
-                    "space(trial, config)")
-  spec = importlib.util.spec_from_file_location(f"space_{file.stem}", file)
-  module = importlib.util.module_from_spec(spec)
-  try:
-    spec.loader.exec_module(module)
-  except Exception as e:  # noqa: BLE001 - any failure of the user's file is one line
-    raise UserError(f"--space {path}: the file failed to load ({type(e).__name__}: "
-                    f"{str(e).splitlines()[0] if str(e) else ''}); fix it and run again") from None
+  module = config_lib.load_python_file(path, "--space", "a Python file defining "
+                                       "space(trial, config)")
   if not callable(getattr(module, "space", None)):
     raise UserError(f"--space {path} defines no space(trial, config); a search-space file "
                     "defines space(trial, config) setting config fields with trial.suggest_*, "

@@ -12,7 +12,7 @@ import tqdm
 from bigflax import (checkpoint, data, decode, evaluation, flops, hardware, pretrained, rundir,
                      run as run_lib, sharding)
 from bigflax.config import profile_steps
-from bigflax.errors import NonFiniteError
+from bigflax.errors import NonFiniteError, UserError
 from bigflax.layers import DTYPES
 
 
@@ -21,9 +21,16 @@ class Trainer:
   `self.config` is the resolved copy, with what the data decided filled in)."""
 
   def __init__(self, config, corpus: data.Corpus | None = None, devices=None, *,
-               load_init_from: bool = True):
-    """load_init_from: start from config.init_from's params (off when a checkpoint of this run
-    is about to be restored: it wins, and the source need not be read again)."""
+               resuming: bool = False):
+    """resuming: a checkpoint of this run is about to be restored. It holds the params that
+    train, so config.init_from is read again only when the others are frozen (`self.base`,
+    checkpoint.frozen_base): its checkpoints leave them out."""
+    self.base = checkpoint.frozen_base(config)
+    if resuming and self.base and self.base["init_from"]:
+      try:
+        pretrained.parse(config.init_from)
+      except UserError as e:
+        raise checkpoint.base_unreadable("this run", self.base, e) from None
     config = pretrained.apply(config)  # config.init_from's model and tokenizer fields
     run_lib.check(config)
     self.corpus = corpus or data.load_corpus(config.data, config.model.block_size, config.task)
@@ -33,12 +40,14 @@ class Trainer:
     self.run = run_lib.build(self.config, devices)
     rng = jax.random.key(self.config.seed)
     self.state = self.run.init_state(rng)
-    if self.config.init_from and load_init_from:  # step 0, and optimizer state for these params, not the init's
+    if self.config.init_from and (self.base or not resuming):
       params = pretrained.load_params(self.config.init_from, self.run, self.state.params)
-      with self.run.activate():
-        opt_state = jax.jit(self.run.tx.init,
-                            out_shardings=self.run.state_shardings.opt_state)(params)
-      self.state = self.state.replace(params=params, opt_state=opt_state)
+      self.state = self.state.replace(params=params)
+      if not resuming:  # step 0: optimizer state for these params, not the init's
+        with self.run.activate():
+          opt_state = jax.jit(self.run.tx.init,
+                              out_shardings=self.run.state_shardings.opt_state)(params)
+        self.state = self.state.replace(opt_state=opt_state)
     self.dropout_rng = jax.random.fold_in(rng, 1)
     self._data = {}
     self._eval = None  # the eval sets' evaluation.Evaluator, built on first use
@@ -73,19 +82,23 @@ class Trainer:
     self.batches(data.TRAIN, self.config.batch_size).set_state(state)
 
   def state_item(self) -> dict:
-    """What a checkpoint stores: params, optimizer state, step and dropout key."""
-    return checkpoint.state_item(self.state, self.dropout_rng, self.run.mesh)
+    """What a checkpoint stores: the params (only those that train when the base is frozen),
+    optimizer state, step and dropout key."""
+    return checkpoint.state_item(self.state, self.dropout_rng, self.run.mesh, self.base)
 
   def save(self, checkpointer: checkpoint.Checkpointer, step: int) -> None:
-    checkpointer.save(step, self.state_item(), self.data_state(), self.config.to_dict())
+    checkpointer.save(step, self.state_item(), self.data_state(), self.config.to_dict(),
+                      self.base)
 
   def restore(self, checkpointer: checkpoint.Checkpointer, step: int) -> None:
-    """Checkpoint `step`'s state (straight into this run's shardings) and data position."""
+    """Checkpoint `step`'s state (straight into this run's shardings) and data position; frozen
+    params the checkpoint leaves out stay as they are (the base they were frozen at)."""
     item, data_state = checkpointer.restore(
-        step, checkpoint.abstract_state_item(self.run.abstract_state, self.run.mesh),
-        self.config.to_dict())
-    self.state = self.state.replace(params=item["params"], opt_state=item["opt_state"],
-                                    step=item["step"])
+        step, checkpoint.abstract_state_item(self.run.abstract_state, self.run.mesh, self.base),
+        self.config.to_dict(), self.base)
+    self.state = self.state.replace(params=checkpoint.with_frozen(item["params"],
+                                                                  self.state.params),
+                                    opt_state=item["opt_state"], step=item["step"])
     self.dropout_rng = jax.random.wrap_key_data(
         item["rng"], impl=jax.random.key_impl(self.dropout_rng))
     self.set_data_state(data_state)
@@ -271,7 +284,7 @@ def train(config, workdir: str, *, print_fn=print, devices=None, overwrite: bool
   else:
     pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
   resuming = bool(pretrained.checkpoint_steps(pathlib.Path(workdir)))
-  trainer = Trainer(config, devices=devices, load_init_from=not resuming)
+  trainer = Trainer(config, devices=devices, resuming=resuming)
   checkpointer = checkpoint.Checkpointer(workdir, trainer.config)
   loop = None
   try:

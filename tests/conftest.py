@@ -83,3 +83,17 @@ def tiny_config(data_path, **overrides):
   c.sample.max_new_tokens = 8
   c.update_from_flattened_dict(overrides)
   return c
+
+
+def in_process(capsys, *argv) -> tuple[int, str, str]:
+  """(exit code, stdout, stderr) of `bigflax ARGV` run in this process (`cli.main`)."""
+  from bigflax import cli  # noqa: PLC0415 - only the tests that run commands need it
+  try:
+    cli.main([str(a) for a in argv])
+    code = 0
+  except SystemExit as e:
+    code = e.code if isinstance(e.code, int) else 1
+    if isinstance(e.code, str):
+      print(e.code, file=sys.stderr)
+  out, err = capsys.readouterr()
+  return code, out, err

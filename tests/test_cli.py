@@ -3,13 +3,12 @@ the rest in-process through `cli.main`."""
 
 import json
 import shutil
-import sys
 
 import pytest
 
 from bigflax import cli
 from bigflax.rundir import read_metrics
-from conftest import REPO, run_bigflax
+from conftest import REPO, in_process, run_bigflax
 
 bigflax = run_bigflax
 TINY = ["--config.model.block_size=16", "--config.model.num_layers=2",
@@ -17,18 +16,6 @@ TINY = ["--config.model.block_size=16", "--config.model.num_layers=2",
         "--config.eval_batches=2", "--config.optimizer.warmup_steps=1",
         "--config.sample.max_new_tokens=12"]
 
-
-def in_process(capsys, *argv) -> tuple[int, str, str]:
-  """(exit code, stdout, stderr) of `bigflax ARGV` run in this process."""
-  try:
-    cli.main(list(argv))
-    code = 0
-  except SystemExit as e:
-    code = e.code if isinstance(e.code, int) else 1
-    if isinstance(e.code, str):
-      print(e.code, file=sys.stderr)
-  out, err = capsys.readouterr()
-  return code, out, err
 
 
 @pytest.fixture(scope="module")

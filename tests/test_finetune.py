@@ -3,21 +3,22 @@ export and `bigflax predict`."""
 
 import dataclasses
 import json
-import sys
+import shutil
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from bigflax import cli, data, interop, rundir, run, sharding
+from bigflax import checkpoint, data, interop, pretrained, rundir, run, sharding, train
 from bigflax.config import ModelConfig, base
-from bigflax.errors import ConfigError, InteropError
+from bigflax.errors import CheckpointError, ConfigError, InteropError
 from bigflax.layers import merge_lora
 from bigflax.model import Transformer
-from conftest import run_bigflax
+from conftest import in_process, run_bigflax, tiny_config
 
 CFG = ModelConfig(vocab_size=64, block_size=16, num_layers=2, num_heads=2, embed_dim=32)
 LABELS = ("neg", "neu", "pos")
@@ -264,17 +265,6 @@ def classifier_run(tmp_path_factory):
   return write_run(tmp_path_factory.mktemp("runs") / "classifier", config, params), r.model
 
 
-def in_process(capsys, *argv):
-  try:
-    cli.main(list(argv))
-    code = 0
-  except SystemExit as e:
-    code = e.code if isinstance(e.code, int) else 1
-    if isinstance(e.code, str):
-      print(e.code, file=sys.stderr)
-  out, err = capsys.readouterr()
-  return code, out, err
-
 
 def test_predict_writes_each_texts_label_and_probabilities(classifier_run, tmp_path, capsys):
   workdir, model = classifier_run
@@ -369,8 +359,6 @@ def test_pretrain_an_encoder_then_lora_fine_tune_a_classifier_export_and_predict
     tmp_path, corpus_file, capsys):
   """The whole path: MLM pretraining, a classifier initialised from it with LoRA, the merged
   export, and predictions from both that agree."""
-  from bigflax import train
-  from conftest import tiny_config
   rng = np.random.default_rng(0)
   words = {"pos": ["good", "great", "nice"], "neg": ["bad", "awful", "sad"]}
   examples = tmp_path / "examples.jsonl"
@@ -406,3 +394,131 @@ def test_pretrain_an_encoder_then_lora_fine_tune_a_classifier_export_and_predict
   for a, b in zip(*outputs):
     np.testing.assert_allclose(list(a["probabilities"].values()),
                                list(b["probabilities"].values()), atol=1e-5)
+
+
+
+# A LoRA run's checkpoints: the adapters (and what else trains) plus a reference to the base.
+
+LORA = {"data.tokenizer": "byte", "finetune.lora_rank": 2, "model.embed_dim": 64}
+ONE_DEVICE = jax.devices()[:1]
+
+
+@pytest.fixture(scope="module")
+def lora_base(tmp_path_factory):
+  """A base LM run directory (its init's params, exported): what the LoRA runs start from."""
+  c = tiny_config("unused", **{"data.tokenizer": "byte", "model.embed_dim": 64})
+  c = run.resolve(c, data.make_tokenizer(c.data))
+  params = run.build(c, ONE_DEVICE).init_state(jax.random.key(7)).params
+  return write_run(tmp_path_factory.mktemp("runs") / "base", c, params)
+
+
+def lora_config(corpus_file, base, **overrides):
+  return tiny_config(corpus_file, init_from=str(base), **{**LORA, **overrides})
+
+
+def flat(tree) -> dict:
+  return {jax.tree_util.keystr(p): np.asarray(x)
+          for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def test_a_lora_checkpoint_holds_the_adapters_and_names_its_base(lora_base, corpus_file,
+                                                                  tmp_path):
+  base = shutil.copytree(lora_base, tmp_path / "base")  # moved away at the end
+  workdir = tmp_path / "run"
+  trainer = train.Trainer(lora_config(corpus_file, base), devices=ONE_DEVICE)
+  trainer.step(0)
+  workdir.mkdir()
+  rundir.write_config(trainer.config, workdir)
+  checkpointer = checkpoint.Checkpointer(str(workdir), trainer.config)
+  trainer.save(checkpointer, 1)
+  checkpointer.close()
+
+  with ocp.CheckpointManager(workdir / "checkpoints",
+                             item_handlers={"state": ocp.StandardCheckpointHandler()},
+                             options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
+    metadata = manager.metadata(1)
+  stored = flat(metadata.item_metadata["state"].tree["params"])
+  assert len(stored) == 2 * 2 * 2 and all("lora_" in path for path in stored)  # layers, q/v, A/B
+  assert metadata.custom_metadata["frozen_base"] == {"init_from": str(base.absolute()),
+                                                     "trainable": "lora"}
+  params_bytes = sum(x.nbytes for x in jax.tree.leaves(trainer.state.params))
+  files = [p for p in (workdir / "checkpoints" / "1").rglob("*") if p.is_file()]
+  arrays = sum(p.stat().st_size for p in files if p.parent.name == "d")  # OCDBT's data blocks
+  assert arrays < 0.05 * params_bytes, (arrays, params_bytes)  # the adapters and their moments
+  # With the tree metadata (a line per leaf, frozen ones included), config and data position.
+  assert sum(p.stat().st_size for p in files) < 0.25 * params_bytes
+
+  # load_run fills the frozen params in from the base: the trainer's params, all of them.
+  loaded, trained = flat(rundir.load_run(workdir, step=1)[2]), flat(trainer.state.params)
+  base_params = flat(rundir.load_run(base)[2])
+  assert loaded.keys() == trained.keys()
+  for path, value in loaded.items():
+    np.testing.assert_array_equal(value, trained[path], err_msg=path)
+    if "lora_" not in path:
+      np.testing.assert_array_equal(value, base_params[path], err_msg=path)
+
+  # Read back onto its own run (what `bigflax eval --step 1` does), adapters included.
+  evaluated = flat(pretrained.load_params(f"{workdir}:1", trainer.run))
+  for path, value in evaluated.items():
+    np.testing.assert_array_equal(value, trained[path], err_msg=path)
+  # A run without adapters cannot start from it: the adapters would be dropped without a word.
+  with pytest.raises(ConfigError, match=r"is a LoRA run, and this run has no adapters .*"
+                     r"\(bigflax export --workdir SOURCE --merge"):
+    train.Trainer(lora_config(corpus_file, f"{workdir}:1", **{"finetune.lora_rank": 0,
+                                                               "finetune.trainable": "all"}),
+                  devices=ONE_DEVICE)
+
+  # A run that trains every param refuses it: the checkpoint lacks the frozen ones.
+  full = train.Trainer(lora_config(corpus_file, base, **{"finetune.trainable": "all"}),
+                       devices=ONE_DEVICE, resuming=True)
+  checkpointer = checkpoint.Checkpointer(str(workdir), full.config)
+  try:
+    with pytest.raises(CheckpointError) as error:
+      full.restore(checkpointer, 1)
+  finally:
+    checkpointer.close()
+  assert "\n" not in str(error.value)
+  assert ("holds only the params config.finetune.trainable='lora' trains, over the frozen base "
+          f"config.init_from='{base.absolute()}', but this run's would hold every param"
+          in str(error.value))
+
+  # Without its base the run cannot resume, nor its checkpoint be read: one line naming it.
+  base.rename(tmp_path / "moved")
+  before = sorted(str(p) for p in workdir.rglob("*"))
+  with pytest.raises(CheckpointError) as error:
+    train.train(lora_config(corpus_file, base), str(workdir), print_fn=lambda *_: None,
+                devices=ONE_DEVICE)
+  message = str(error.value)
+  assert "\n" not in message and f"{base} does not exist" in message
+  assert "hold only the params config.finetune.trainable='lora' trains" in message
+  assert sorted(str(p) for p in workdir.rglob("*")) == before
+  with pytest.raises(CheckpointError, match=f"{base} does not exist"):
+    rundir.load_run(workdir, step=1)
+
+
+def test_a_resumed_lora_run_continues_bit_identically(lora_base, corpus_file, tmp_path):
+  config = lora_config(corpus_file, lora_base)
+  whole = train.Trainer(config, devices=ONE_DEVICE)
+  checkpointer = checkpoint.Checkpointer(str(tmp_path), whole.config)
+  try:
+    for index in range(4):
+      whole.step(index)
+      if index == 1:
+        whole.save(checkpointer, 2)
+    checkpointer.wait()
+    resumed = train.Trainer(config, devices=ONE_DEVICE, resuming=True)  # base from the source
+    resumed.restore(checkpointer, 2)
+  finally:
+    checkpointer.close()
+  for index in (2, 3):
+    resumed.step(index)
+  assert int(resumed.state.step) == 4
+  expected, actual = flat(whole.state.params), flat(resumed.state.params)
+  assert expected.keys() == actual.keys()
+  for path, value in expected.items():
+    np.testing.assert_array_equal(actual[path], value, err_msg=path)
+  jax.tree.map(np.testing.assert_array_equal, flat(whole.state.opt_state),
+               flat(resumed.state.opt_state))
+  kernel = "['block_0']['attn']['query']['kernel']"
+  np.testing.assert_array_equal(flat(rundir.load_run(lora_base)[2])[kernel], expected[kernel])
+  assert np.any(expected["['block_0']['attn']['query']['lora_b']"])  # the adapters trained

@@ -8,13 +8,12 @@ import subprocess
 import sys
 import time
 
+import optuna  # the [sweep] extra; pip install -e ".[test]" has it
 import pytest
 
-optuna = pytest.importorskip("optuna")  # the [sweep] extra; pip install -e ".[test]" has it
-
-from bigflax import cli, sweep  # noqa: E402
-from bigflax.config import load_experiment  # noqa: E402
-from conftest import REPO, bigflax_env, run_bigflax  # noqa: E402
+from bigflax import sweep
+from bigflax.config import load_experiment
+from conftest import REPO, bigflax_env, in_process, run_bigflax
 
 LR_SPACE = """
 def space(trial, config):
@@ -42,16 +41,9 @@ def get_config():
   return path
 
 
-def in_process(capsys, *argv) -> tuple[int, str]:
-  """(exit code, stdout + stderr) of `bigflax ARGV` run in this process."""
-  try:
-    cli.main(list(map(str, argv)))
-    code = 0
-  except SystemExit as e:
-    code = e.code if isinstance(e.code, int) else 1
-    if isinstance(e.code, str):
-      print(e.code, file=sys.stderr)
-  out, err = capsys.readouterr()
+def run_sweep(capsys, *argv) -> tuple[int, str]:
+  """(exit code, stdout + stderr) of `bigflax sweep ARGV` run in this process."""
+  code, out, err = in_process(capsys, "sweep", *argv)
   return code, out + err
 
 
@@ -62,8 +54,8 @@ def load_study(directory, name):
 def test_a_space_file_without_space_is_one_line_and_writes_nothing(tmp_path, capsys, corpus_file):
   experiment = write_experiment(tmp_path / "tiny.py", corpus_file)
   (tmp_path / "space.py").write_text("def search(trial, config):\n  pass\n")
-  code, out = in_process(capsys, "sweep", f"--config={experiment}", f"--space={tmp_path}/space.py",
-                         "--study=s", f"--workdir={tmp_path / 'sweep'}")
+  code, out = run_sweep(capsys, f"--config={experiment}", f"--space={tmp_path}/space.py",
+                        "--study=s", f"--workdir={tmp_path / 'sweep'}")
   assert code == 1 and "space.py defines no space(trial, config)" in out
   assert "Traceback" not in out and not (tmp_path / "sweep").exists()
 
@@ -77,13 +69,13 @@ def test_a_study_directory_of_another_experiment_is_refused_naming_both(tmp_path
   sweep.Sweep(directory, "s", str(first), load_experiment(str(first)), str(tmp_path / "space.py"),
               trials=2).claim_directory()
   before = (directory / "sweep.json").read_text()
-  code, out = in_process(capsys, "sweep", f"--config={second}", f"--space={tmp_path}/space.py",
-                         "--study=s", f"--workdir={directory}")
+  code, out = run_sweep(capsys, f"--config={second}", f"--space={tmp_path}/space.py",
+                        "--study=s", f"--workdir={directory}")
   assert code == 1 and "Traceback" not in out
   assert "holds study 's' of experiment 'first'" in out and "experiment 'second'" in out
   # The same experiment with other overrides would mix incomparable trials: refused too.
-  code, out = in_process(capsys, "sweep", f"--config={first}", f"--space={tmp_path}/space.py",
-                         "--study=s", f"--workdir={directory}", "--config.steps=9")
+  code, out = run_sweep(capsys, f"--config={first}", f"--space={tmp_path}/space.py",
+                        "--study=s", f"--workdir={directory}", "--config.steps=9")
   assert code == 1 and "config.steps=8, not 9" in out
   assert (directory / "sweep.json").read_text() == before
 
@@ -93,8 +85,8 @@ def test_without_optuna_the_sweep_says_how_to_install_it(tmp_path, capsys, monke
   monkeypatch.setitem(sys.modules, "optuna", None)  # what `import optuna` meets when absent
   experiment = write_experiment(tmp_path / "tiny.py", corpus_file)
   (tmp_path / "space.py").write_text(LR_SPACE)
-  code, out = in_process(capsys, "sweep", f"--config={experiment}", f"--space={tmp_path}/space.py",
-                         "--study=s", f"--workdir={tmp_path / 'sweep'}")
+  code, out = run_sweep(capsys, f"--config={experiment}", f"--space={tmp_path}/space.py",
+                        "--study=s", f"--workdir={tmp_path / 'sweep'}")
   assert code == 1 and 'pip install "bigflax[sweep]"' in out and len(out.strip().splitlines()) == 1
 
 

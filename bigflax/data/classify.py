@@ -29,7 +29,7 @@ import numpy as np
 
 from bigflax.data import examples as examples_lib
 from bigflax.data.pipeline import (SPLIT_NAMES, VAL, Batches, EvalBatches, EvalInfo,
-                                   StepIterator)
+                                   StepIterator, clamp_eval_batches)
 from bigflax.errors import ConfigError, DataError
 
 LABEL_FIELD = "label"
@@ -201,13 +201,8 @@ def eval_batches(corpus, config, batch_size: int, num_batches: int,
   texts = corpus.documents(VAL)
   iterator = ClassifyIterator(texts, seed=config.seed, split=VAL, batch_size=batch_size,
                               block_size=config.model.block_size, rows=rows, finite=True)
-  whole = -(-len(texts) // batch_size)
   notices = list(iterator.notices)
-  if num_batches > whole:
-    notices.append(f"config.eval_batches={num_batches} is more than the {whole} batches of "
-                   f"{batch_size} examples the val split fills; evaluating those {whole} (every "
-                   "val example once, as eval_batches=0 does)")
-  num_batches = whole if num_batches <= 0 else min(num_batches, whole)
+  num_batches = clamp_eval_batches(num_batches, len(texts), batch_size, "examples", notices)
   covered = min(num_batches * batch_size, len(texts))
   info = EvalInfo(num_batches, covered, len(texts), covered, len(texts), tuple(notices))
   return EvalBatches(Batches(iterator, config.data.prefetch), num_batches), info

@@ -329,6 +329,18 @@ class EvalBatches(collections.abc.Sequence):
     return self._batches.batch(index)
 
 
+def clamp_eval_batches(num_batches: int, num_rows: int, batch_size: int, unit: str,
+                       notices: list) -> int:
+  """The batches an eval runs: `num_batches`, or (0, or more than the split fills) every one of
+  the split's `num_rows` rows once, with a notice appended when it was clamped."""
+  whole = -(-num_rows // batch_size)
+  if num_batches > whole:
+    notices.append(f"config.eval_batches={num_batches} is more than the {whole} batches of "
+                   f"{batch_size} {unit} the val split fills; evaluating those {whole} (the whole "
+                   "split once, as eval_batches=0 does)")
+  return whole if num_batches <= 0 else min(num_batches, whole)
+
+
 def eval_batches(corpus, config, batch_size: int, num_batches: int,
                  rows: slice = slice(None)) -> tuple[EvalBatches, EvalInfo]:
   """The eval: the first `num_batches` global batches of the val split's rows of one epoch, in
@@ -340,13 +352,9 @@ def eval_batches(corpus, config, batch_size: int, num_batches: int,
                             split=VAL, batch_size=batch_size, block_size=config.model.block_size,
                             rows=rows, finite=True)
   packed = iterator.packed
-  whole = -(-packed.rows_per_epoch // batch_size)
   notices = list(packed.notices)
-  if num_batches > whole:
-    notices.append(f"config.eval_batches={num_batches} is more than the {whole} batches of "
-                   f"{batch_size} rows the val split fills; evaluating those {whole} (the whole "
-                   "split once, as eval_batches=0 does)")
-  num_batches = whole if num_batches <= 0 else min(num_batches, whole)
+  num_batches = clamp_eval_batches(num_batches, packed.rows_per_epoch, batch_size, "rows",
+                                   notices)
   documents, predictions = packed.coverage(np.arange(num_batches * batch_size), finite=True)
   info = EvalInfo(num_batches, len(documents), packed.num_documents, predictions,
                   packed.predictions, tuple(notices))

@@ -194,6 +194,9 @@ class Evaluator:
   def __init__(self, run, tokenizer, sets: list[EvalSet]):
     self.sets, self._tokenizer, self._batch_sharding = sets, tokenizer, run.batch_sharding
     self._lengths = tokenizer.byte_lengths()
+    # Bits per byte are a next-token model's: an MLM's loss reads only its masked tokens, and a
+    # classifier's rows have labels, not targets.
+    self._counts_bytes = run.config.task == "lm" and run.config.objective == "next_token"
     self._sum = jax.jit(jnp.sum, in_shardings=run.batch_sharding,
                         out_shardings=sharding.replicated(run.mesh))
 
@@ -201,7 +204,7 @@ class Evaluator:
     totals = []
     for batch in eval_set.batches:
       step_totals = dict(eval_step(sharding.global_batch(batch, self._batch_sharding)))
-      if "targets" in batch:  # next-token predictions (a classifier's rows have labels)
+      if self._counts_bytes:
         step_totals["bytes"] = self._sum(jax.make_array_from_process_local_data(
             self._batch_sharding, target_bytes(self._tokenizer, self._lengths, batch)))
       totals.append(step_totals)
