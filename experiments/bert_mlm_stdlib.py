@@ -12,7 +12,10 @@ reads the chosen tokens only. `:classify` fine-tunes the encoder on a JSONL/CSV 
 with a head on the first token; experiments/transfer_stdlib.py measures what the pretraining is
 worth.
 
-Measured (seed 0, 1200 steps, the 2-core CPU): see MEASURED below.
+Measured (seed 0, the 2-core CPU shared with other jobs, 18 min): the masked-token eval loss
+falls 3.134 → 3.039 → 2.864 → 2.640 → 2.551 → 2.518 nats at steps 200 … 1200 (chance: ln 256 =
+5.55), and 34.9% of the masked bytes are recovered exactly. Bits per byte are not reported: the
+loss reads only the masked 15%.
 """
 
 from bigflax.config import base

@@ -18,7 +18,21 @@ Variants (`--config experiments/transfer_stdlib.py:VARIANT`), all fine-tuned for
   from_bert      the encoder pretrained by `pretrain_bert` (masked LM), classifier on its first
   from_gpt_lora  from_gpt with LoRA adapters (rank 8) and the head trained, the rest frozen
 
-Measured (tools/reproduce.py, 3 seeds): see RESULTS below.
+Measured (`python tools/reproduce.py experiments/transfer_stdlib.py`, 2-core CPU shared with
+other jobs, 2026-11-30; pretraining 600 steps each: the GPT reached 2.087 nats/byte on held-out
+other-package files, the encoder 2.918 nats on its masked bytes), mean test accuracy over seeds
+0-2 after 200 fine-tuning steps (chance: 1/6 = 0.167):
+
+  scratch        0.2790 ± 0.0526   (0.2311, 0.3352, 0.2708)
+  from_gpt       0.2753 ± 0.0320   (0.2670, 0.3106, 0.2481)
+  from_bert      0.2210 ± 0.0114   (0.2197, 0.2330, 0.2102)
+  from_gpt_lora  0.2929 ± 0.0061   (0.2860, 0.2955, 0.2973)
+
+The claim (from_gpt beats scratch, TARGET_MARGIN) is NOT reached at this budget: −0.0038. Every
+variant's training loss is still near chance (ln 6 = 1.79 → about 1.5-1.6) after 200 steps, and
+from_gpt at learning rate 3e-4 instead of 1e-3 gave the same (0.2652, seed 0): the fine-tuning
+budget, not the learning rate, is what is short, and the pretrained models are weak (600 steps).
+A run with several times the steps on both sides is what the claim needs.
 """
 
 import hashlib
@@ -136,6 +150,9 @@ def get_config(variant: str = "from_gpt"):
 
 FINETUNED = ("scratch", "from_gpt", "from_bert", "from_gpt_lora")
 TARGET_SEEDS = 3
+TARGET_SOURCE = ("this repository's own claim (no published number): pretraining on the other "
+                 "stdlib packages helps classify held-out packages' snippets")
+TARGET = "mean test accuracy from_gpt − scratch ≥ +0.0 over 3 seeds"
 # The claim tools/reproduce.py checks: from_gpt's mean test accuracy beats scratch's by this much.
 TARGET_MARGIN = 0.0
 
