@@ -444,9 +444,11 @@ def test_a_lora_checkpoint_holds_the_adapters_and_names_its_base(lora_base, corp
   params_bytes = sum(x.nbytes for x in jax.tree.leaves(trainer.state.params))
   files = [p for p in (workdir / "checkpoints" / "1").rglob("*") if p.is_file()]
   arrays = sum(p.stat().st_size for p in files if p.parent.name == "d")  # OCDBT's data blocks
-  assert arrays < 0.05 * params_bytes, (arrays, params_bytes)  # the adapters and their moments
+  # The adapters and their moments: a few % of the params (the full state would be ~3x them;
+  # OCDBT's data blocks vary a little in size from run to run).
+  assert arrays < 0.1 * params_bytes, (arrays, params_bytes)
   # With the tree metadata (a line per leaf, frozen ones included), config and data position.
-  assert sum(p.stat().st_size for p in files) < 0.25 * params_bytes
+  assert sum(p.stat().st_size for p in files) < 0.4 * params_bytes
 
   # load_run fills the frozen params in from the base: the trainer's params, all of them.
   loaded, trained = flat(rundir.load_run(workdir, step=1)[2]), flat(trainer.state.params)
