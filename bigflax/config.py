@@ -79,36 +79,34 @@ class ModelConfig:
   lora_targets: tuple[str, ...] = ("query", "value")
 
   def __post_init__(self):
-    def need(ok, message):
-      if not ok:
-        raise ConfigError(message)
     for name in ("block_size", "num_layers", "num_heads", "embed_dim"):
-      need(getattr(self, name) > 0,
-           f"config.model.{name} must be a positive integer, got {getattr(self, name)}")
+      require(getattr(self, name) > 0,
+              f"config.model.{name} must be a positive integer, got {getattr(self, name)}")
     for name in ("vocab_size", "mlp_dim", "num_kv_heads", "attention_chunk"):
-      need(getattr(self, name) >= 0, f"config.model.{name} must be >= 0, got "
-           f"{getattr(self, name)}")
-    need(self.embed_dim % self.num_heads == 0,
-         f"config.model.embed_dim={self.embed_dim} is not divisible by config.model.num_heads="
-         f"{self.num_heads}; change one of them")
-    need(0.0 <= self.dropout < 1.0, f"config.model.dropout must be in [0, 1), got {self.dropout}")
-    need(self.num_heads % self.kv_heads == 0,
-         f"config.model.num_kv_heads={self.num_kv_heads} must divide config.model.num_heads="
-         f"{self.num_heads} (or be 0 for num_heads)")
-    need(self.positions != "rope" or self.head_dim % 2 == 0,
-         "config.model.positions='rope' rotates pairs of dimensions and needs an even head "
-         "dimension (config.model.embed_dim / config.model.num_heads)")
-    need(self.norm_eps > 0 and self.rope_theta > 0,
-         "config.model.norm_eps and config.model.rope_theta must be positive")
-    need(self.causal or not self.attention_chunk,
-         "config.model.attention_chunk skips the keys after each chunk, which a bidirectional "
-         "model (config.model.causal=False) reads; set config.model.attention_chunk=0")
-    need(not (self.attention.startswith("flash") and self.dropout),
-         f"config.model.attention={self.attention!r} cannot drop attention weights inside the "
-         "fused kernel; set config.model.dropout=0, or attention=auto (xla while training "
-         "with dropout)")
-    need(self.num_labels >= 0, f"config.model.num_labels must be >= 0 (0 = the LM head), got "
-         f"{self.num_labels}")
+      require(getattr(self, name) >= 0, f"config.model.{name} must be >= 0, got "
+              f"{getattr(self, name)}")
+    require(self.embed_dim % self.num_heads == 0,
+            f"config.model.embed_dim={self.embed_dim} is not divisible by config.model.num_heads="
+            f"{self.num_heads}; change one of them")
+    require(0.0 <= self.dropout < 1.0,
+            f"config.model.dropout must be in [0, 1), got {self.dropout}")
+    require(self.num_heads % self.kv_heads == 0,
+            f"config.model.num_kv_heads={self.num_kv_heads} must divide config.model.num_heads="
+            f"{self.num_heads} (or be 0 for num_heads)")
+    require(self.positions != "rope" or self.head_dim % 2 == 0,
+            "config.model.positions='rope' rotates pairs of dimensions and needs an even head "
+            "dimension (config.model.embed_dim / config.model.num_heads)")
+    require(self.norm_eps > 0 and self.rope_theta > 0,
+            "config.model.norm_eps and config.model.rope_theta must be positive")
+    require(self.causal or not self.attention_chunk,
+            "config.model.attention_chunk skips the keys after each chunk, which a bidirectional "
+            "model (config.model.causal=False) reads; set config.model.attention_chunk=0")
+    require(not (self.attention.startswith("flash") and self.dropout),
+            f"config.model.attention={self.attention!r} cannot drop attention weights inside the "
+            "fused kernel; set config.model.dropout=0, or attention=auto (xla while training "
+            "with dropout)")
+    require(self.num_labels >= 0, f"config.model.num_labels must be >= 0 (0 = the LM head), got "
+            f"{self.num_labels}")
     object.__setattr__(self, "mlp_dim", self.mlp_dim or 4 * self.embed_dim)  # resolve the 0
     object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
     if self.lora_rank:
@@ -116,20 +114,19 @@ class ModelConfig:
 
   def _check_lora(self):
     widths = self.projection_widths
-    need = _check
-    need(self.lora_rank > 0, f"config.finetune.lora_rank must be >= 0 (0 = off), got "
-         f"{self.lora_rank}")
-    need(self.lora_alpha > 0, f"config.finetune.lora_alpha must be positive, got "
-         f"{self.lora_alpha}")
-    need(bool(self.lora_targets), "config.finetune.lora_targets is empty; name the projections "
-         f"to adapt, among {tuple(widths)}")
+    require(self.lora_rank > 0, f"config.finetune.lora_rank must be >= 0 (0 = off), got "
+            f"{self.lora_rank}")
+    require(self.lora_alpha > 0, f"config.finetune.lora_alpha must be positive, got "
+            f"{self.lora_alpha}")
+    require(bool(self.lora_targets), "config.finetune.lora_targets is empty; name the projections "
+            f"to adapt, among {tuple(widths)}")
     for name in self.lora_targets:
-      need(name in widths, f"config.finetune.lora_targets names {name!r}, which is no "
-           f"projection; choose among {tuple(widths)}")
-      need(self.lora_rank <= min(widths[name]),
-           f"config.finetune.lora_rank={self.lora_rank} exceeds the {name} projection's width "
-           f"{min(widths[name])} ({widths[name][0]} → {widths[name][1]}); lower the rank or drop "
-           f"{name!r} from config.finetune.lora_targets")
+      require(name in widths, f"config.finetune.lora_targets names {name!r}, which is no "
+              f"projection; choose among {tuple(widths)}")
+      require(self.lora_rank <= min(widths[name]),
+              f"config.finetune.lora_rank={self.lora_rank} exceeds the {name} projection's "
+              f"width {min(widths[name])} ({widths[name][0]} → {widths[name][1]}); lower the rank "
+              f"or drop {name!r} from config.finetune.lora_targets")
 
   @property
   def projection_widths(self) -> dict[str, tuple[int, int]]:
@@ -366,7 +363,8 @@ def get_config() -> ml_collections.ConfigDict:
   return config
 
 
-def _check(ok: bool, message: str):
+def require(ok: bool, message: str) -> None:
+  """A ConfigError with `message` unless `ok`: each section's checks read as a list of rules."""
   if not ok:
     raise ConfigError(message)
 
@@ -379,36 +377,37 @@ def validate(c: ml_collections.ConfigDict) -> None:
     value = c
     for part in key.split("."):
       value = value[part]
-    _check(value > 0, f"config.{key} must be a positive integer, got {value}")
-  _check(c.eval_batches >= 0, f"config.eval_batches must be >= 0 (0 = the whole val split), "
+    require(value > 0, f"config.{key} must be a positive integer, got {value}")
+  require(c.eval_batches >= 0, f"config.eval_batches must be >= 0 (0 = the whole val split), "
          f"got {c.eval_batches}")
   for key in ("harness_every", "harness_limit", "harness_batch_size"):
-    _check(c.eval[key] >= 0, f"config.eval.{key} must be >= 0 (0 = the default), got "
+    require(c.eval[key] >= 0, f"config.eval.{key} must be >= 0 (0 = the default), got "
            f"{c.eval[key]}")
-  _check(bool(c.eval.sets.strip()) or bool(c.eval.harness_tasks.strip()),
+  require(bool(c.eval.sets.strip()) or bool(c.eval.harness_tasks.strip()),
          "config.eval.sets is empty and no harness task is set: an evaluation would measure "
          "nothing; give config.eval.sets (e.g. 'val')")
-  _check(c.checkpoint_every >= 0 and c.keep_every >= 0 and c.keep_checkpoints > 0,
+  require(c.checkpoint_every >= 0 and c.keep_every >= 0 and c.keep_checkpoints > 0,
          "config.checkpoint_every and config.keep_every must be >= 0 and "
          "config.keep_checkpoints > 0")
-  _check(not (c.keep_every and c.checkpoint_every) or c.keep_every % c.checkpoint_every == 0,
+  require(not (c.keep_every and c.checkpoint_every) or c.keep_every % c.checkpoint_every == 0,
          f"config.keep_every={c.keep_every} must be a multiple of config.checkpoint_every="
          f"{c.checkpoint_every}, else no checkpoint falls on it")
   profile_steps(c)  # raises on a malformed range
-  _check(c.z_loss >= 0, f"config.z_loss must be >= 0, got {c.z_loss}")
+  require(c.z_loss >= 0, f"config.z_loss must be >= 0, got {c.z_loss}")
   d = c.distributed
-  _check(not d.coordinator_address or (d.num_processes > 0 and 0 <= d.process_id < d.num_processes),
+  require(not d.coordinator_address
+          or (d.num_processes > 0 and 0 <= d.process_id < d.num_processes),
          f"config.distributed.coordinator_address={d.coordinator_address!r} needs "
          f"config.distributed.num_processes > 0 and 0 <= config.distributed.process_id < "
          f"num_processes, got num_processes={d.num_processes}, process_id={d.process_id}")
-  _check(d.initialization_timeout > 0 and d.heartbeat_timeout > 0,
+  require(d.initialization_timeout > 0 and d.heartbeat_timeout > 0,
          "config.distributed.initialization_timeout and heartbeat_timeout must be positive")
   _check_metrics(c)
   s = c.sample
-  _check(s.temperature >= 0, f"config.sample.temperature must be >= 0 (0 = greedy), got "
+  require(s.temperature >= 0, f"config.sample.temperature must be >= 0 (0 = greedy), got "
          f"{s.temperature}")
-  _check(s.top_k >= 0, f"config.sample.top_k must be >= 0 (0 = off), got {s.top_k}")
-  _check(0.0 < s.top_p <= 1.0, f"config.sample.top_p must be in (0, 1] (1 = off), got {s.top_p}")
+  require(s.top_k >= 0, f"config.sample.top_k must be >= 0 (0 = off), got {s.top_k}")
+  require(0.0 < s.top_p <= 1.0, f"config.sample.top_p must be in (0, 1] (1 = off), got {s.top_p}")
 
 
 def _check_metrics(c: ml_collections.ConfigDict) -> None:
@@ -416,9 +415,9 @@ def _check_metrics(c: ml_collections.ConfigDict) -> None:
   m = c.get("metrics")  # a config.json written before the section existed has none
   if m is None or not m.wandb_project:
     return
-  _check(all(isinstance(tag, str) and tag for tag in m.wandb_tags),
+  require(all(isinstance(tag, str) and tag for tag in m.wandb_tags),
          f"config.metrics.wandb_tags must be non-empty strings, got {tuple(m.wandb_tags)!r}")
-  _check(importlib.util.find_spec("wandb") is not None,
+  require(importlib.util.find_spec("wandb") is not None,
          f"config.metrics.wandb_project={m.wandb_project!r} asks for Weights & Biases, which is "
          'not installed; pip install "bigflax[wandb]" (or set config.metrics.wandb_project="")')
 
@@ -431,7 +430,7 @@ def profile_steps(c: ml_collections.ConfigDict) -> tuple[int, int] | None:
     first, last = (int(part) for part in c.profile_steps.split(","))
   except ValueError:
     first = last = 0
-  _check(1 <= first <= last <= c.steps,
+  require(1 <= first <= last <= c.steps,
          f"config.profile_steps={c.profile_steps!r} must be 'A,B' with 1 <= A <= B <= "
          f"config.steps={c.steps}, e.g. --config.profile_steps=10,12")
   return first, last
@@ -451,7 +450,8 @@ def load_python_file(path: str, flag: str, what: str):
     raise ConfigError(f"{flag} {path}: syntax error at line {e.lineno}: {e.msg}") from None
   except Exception as e:  # noqa: BLE001 - any failure of the user's file is reported, one line
     raise ConfigError(f"{flag} {path}: the file failed to load ({type(e).__name__}: "
-                      f"{str(e).splitlines()[0] if str(e) else ''}); fix it and run again") from None
+                      f"{str(e).splitlines()[0] if str(e) else ''}); fix it and run "
+                      "again") from None
   return module
 
 

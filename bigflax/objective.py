@@ -17,6 +17,7 @@ import typing
 import jax
 import jax.numpy as jnp
 
+from bigflax.config import require
 from bigflax.errors import ConfigError
 
 
@@ -99,21 +100,18 @@ OBJECTIVES = {
 
 def check_config(c) -> None:
   """The objective and its model agree; the masking rates are rates. ConfigError if not."""
-  def need(ok, message):
-    if not ok:
-      raise ConfigError(message)
-  need(c.objective in OBJECTIVES, f"config.objective={c.objective!r} is unknown; choose one of "
-       f"{sorted(OBJECTIVES)}")
+  require(c.objective in OBJECTIVES, f"config.objective={c.objective!r} is unknown; choose one of "
+          f"{sorted(OBJECTIVES)}")
   objective = OBJECTIVES[c.objective]
-  need(c.task != "lm" or c.model.causal == objective.causal,
-       f"config.objective={c.objective!r} needs config.model.causal={objective.causal} "
-       f"({objective.why}); set it, or choose the other objective")
+  require(c.task != "lm" or c.model.causal == objective.causal,
+          f"config.objective={c.objective!r} needs config.model.causal={objective.causal} "
+          f"({objective.why}); set it, or choose the other objective")
   m = c.mlm
-  need(0 < m.mask_rate < 1, f"config.mlm.mask_rate must be in (0, 1), got {m.mask_rate}")
-  need(m.mask_fraction >= 0 and m.random_fraction >= 0
-       and m.mask_fraction + m.random_fraction <= 1,
-       "config.mlm.mask_fraction and random_fraction must be >= 0 with a sum <= 1, got "
-       f"{m.mask_fraction} and {m.random_fraction}")
+  require(0 < m.mask_rate < 1, f"config.mlm.mask_rate must be in (0, 1), got {m.mask_rate}")
+  require(m.mask_fraction >= 0 and m.random_fraction >= 0
+          and m.mask_fraction + m.random_fraction <= 1,
+          "config.mlm.mask_fraction and random_fraction must be >= 0 with a sum <= 1, got "
+          f"{m.mask_fraction} and {m.random_fraction}")
 
 
 def classification_loss(logits, labels):

@@ -3,6 +3,7 @@
 import jax
 import optax
 
+from bigflax.config import require
 from bigflax.errors import ConfigError
 
 
@@ -185,22 +186,19 @@ def make_optimizer(c, steps: int) -> optax.GradientTransformation:
 
 def check_config(c) -> None:
   """Raises ConfigError naming the first field of `config.optimizer` that cannot work."""
-  def need(ok, message):
-    if not ok:
-      raise ConfigError(message)
-  need(c.name in OPTIMIZERS, f"config.optimizer.name={c.name!r} is unknown; choose one of "
-       f"{sorted(OPTIMIZERS)}")
-  need(c.schedule in SCHEDULES, f"config.optimizer.schedule={c.schedule!r} is unknown; choose "
-       f"one of {sorted(SCHEDULES)}")
-  need(c.learning_rate > 0, "config.optimizer.learning_rate must be positive")
-  need(c.warmup_steps >= 0, "config.optimizer.warmup_steps must be >= 0")
-  need(c.clip_norm >= 0, "config.optimizer.clip_norm must be >= 0 (0 = off)")
-  need(0 <= c.b1 < 1 and 0 <= c.b2 < 1 and c.eps >= 0,
-       "config.optimizer: need 0 <= b1 < 1, 0 <= b2 < 1 and eps >= 0")
+  require(c.name in OPTIMIZERS, f"config.optimizer.name={c.name!r} is unknown; choose one of "
+          f"{sorted(OPTIMIZERS)}")
+  require(c.schedule in SCHEDULES, f"config.optimizer.schedule={c.schedule!r} is unknown; choose "
+          f"one of {sorted(SCHEDULES)}")
+  require(c.learning_rate > 0, "config.optimizer.learning_rate must be positive")
+  require(c.warmup_steps >= 0, "config.optimizer.warmup_steps must be >= 0")
+  require(c.clip_norm >= 0, "config.optimizer.clip_norm must be >= 0 (0 = off)")
+  require(0 <= c.b1 < 1 and 0 <= c.b2 < 1 and c.eps >= 0,
+          "config.optimizer: need 0 <= b1 < 1, 0 <= b2 < 1 and eps >= 0")
   if c.name == "muon":
-    need(c.muon_learning_rate > 0, "config.optimizer.muon_learning_rate must be positive "
-         "(Muon's peak rate for the weight matrices, e.g. 0.02)")
-    need(0 <= c.muon_momentum < 1, "config.optimizer.muon_momentum must be in [0, 1), e.g. 0.95")
+    require(c.muon_learning_rate > 0, "config.optimizer.muon_learning_rate must be positive "
+            "(Muon's peak rate for the weight matrices, e.g. 0.02)")
+    require(0 <= c.muon_momentum < 1, "config.optimizer.muon_momentum must be in [0, 1), e.g. 0.95")
 
 
 def check_schedule(c, steps: int) -> None:

@@ -205,7 +205,7 @@ def test_bigflax_eval_refuses_what_would_be_lost_or_does_not_exist(finished_run,
 def test_bigflax_eval_on_an_imported_hugging_face_model_matches_transformers(tmp_path, capsys):
   """A converted GPT-2 with its own BPE, one document that fits one row: bigflax eval's loss is
   transformers' mean next-token loss on it, and its bits per byte counts the document's bytes."""
-  torch = pytest.importorskip("torch")
+  import torch  # noqa: PLC0415 - the test extra has it; never skipped
   from test_interop import _convert_hf_tool, save_hf_gpt2_with_tokenizer
   model, tokenizer = save_hf_gpt2_with_tokenizer(tmp_path / "hf")
   _convert_hf_tool().main(["to_bigflax", str(tmp_path / "hf"), str(tmp_path / "run")])
@@ -254,7 +254,7 @@ def write_local_tasks(directory) -> None:
 @pytest.mark.slow
 def test_harness_tasks_run_in_the_loop_and_offline_alike(tmp_path, corpus_file, capsys,
                                                          monkeypatch):
-  pytest.importorskip("lm_eval")
+  import lm_eval  # noqa: F401, PLC0415 - the test extra has it; never skipped
   monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
   write_local_tasks(tmp_path / "tasks")
   config = tiny_config(corpus_file, **{

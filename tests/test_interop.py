@@ -151,7 +151,7 @@ TOKENIZER_TEXT = ["def greet(name):\n    return f'héllo {name} ✓'\n",
 def save_hf_gpt2_with_tokenizer(directory: pathlib.Path, n_positions: int = 64):
   """A tiny GPT-2 as transformers saves it, with a byte-level BPE trained here (GPT-2's kind of
   tokenizer, nothing downloaded); returns (model, transformers tokenizer)."""
-  tokenizers = pytest.importorskip("tokenizers")
+  import tokenizers  # noqa: PLC0415 - a core dependency
   bpe = tokenizers.Tokenizer(tokenizers.models.BPE())
   bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
   bpe.decoder = tokenizers.decoders.ByteLevel()

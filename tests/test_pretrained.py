@@ -131,7 +131,7 @@ def test_a_resumed_run_does_not_read_the_source_params_again(corpus, source, tmp
 
 @pytest.mark.parametrize("scan_layers", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_a_run_from_a_hugging_face_gpt2_gives_its_logits(corpus, tmp_path, scan_layers):
-  torch = pytest.importorskip("torch")
+  import torch  # noqa: PLC0415 - the test extra has it; never skipped
   from test_interop import hf_logits, save_hf_gpt2_with_tokenizer
   model, tokenizer = save_hf_gpt2_with_tokenizer(tmp_path, n_positions=64)
   # block_size 16 of the model's 64 positions: the first rows of its position table.

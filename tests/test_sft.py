@@ -134,8 +134,8 @@ def test_packed_and_unpacked_batches_give_the_same_loss(tmp_path):
 @pytest.fixture(scope="module")
 def hf_chat_tokenizer(tmp_path_factory):
   """A tiny byte-level BPE with ChatML specials and a chat template, saved as transformers does."""
-  tokenizers_lib = pytest.importorskip("tokenizers")
-  transformers = pytest.importorskip("transformers")
+  import tokenizers as tokenizers_lib  # noqa: PLC0415 - a core dependency
+  import transformers  # noqa: PLC0415 - the test extra has it; never skipped
   from tokenizers import decoders, models, pre_tokenizers, trainers
   bpe = tokenizers_lib.Tokenizer(models.BPE())
   bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

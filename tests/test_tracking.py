@@ -8,13 +8,11 @@ import sys
 import time
 
 import pytest
+from wandb.proto import wandb_internal_pb2  # the [wandb] extra; pip install -e ".[test]" has it
 
 from bigflax import cli, rundir
 from bigflax.config import ConfigError, get_config, validate
 from conftest import run_bigflax
-
-wandb = pytest.importorskip("wandb")  # the [wandb] extra; pip install -e ".[test]" has it
-from wandb.proto import wandb_internal_pb2  # noqa: E402
 
 BLOCK = 32768  # the .wandb file is a LevelDB-style log of protobuf Records in blocks of this size
 

@@ -11,7 +11,6 @@ object a line; blank lines are skipped). The validation examples are those of th
 import csv
 import dataclasses
 import io
-import json
 
 from bigflax.data import shards
 from bigflax.errors import DataError
@@ -39,14 +38,8 @@ def _lines(url: str) -> str:
 
 def _json_records(url: str) -> list[Record]:
   records = []
-  for number, line in enumerate(io.StringIO(_lines(url)), 1):
-    if not line.strip():
-      continue
-    try:
-      fields = json.loads(line)
-    except ValueError as e:
-      raise DataError(f"{url} line {number} is not JSON ({e}); each line of an example file is "
-                      "one JSON object") from None
+  for number, fields in shards.json_lines(io.StringIO(_lines(url)), url, "each line of an "
+                                          "example file is one JSON object"):
     if not isinstance(fields, dict):
       raise DataError(f"{url} line {number} is a JSON {type(fields).__name__}, not an object; "
                       "each line of an example file is one JSON object")

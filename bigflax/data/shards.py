@@ -136,19 +136,25 @@ def _decompressed(url: str, raw: bytes) -> bytes:
   return raw
 
 
+def json_lines(lines, url: str, fix: str):
+  """(line number, value) of each non-blank JSON line of `lines` (str or bytes lines of `url`);
+  a DataError naming the file and line, then `fix`, for one that is not JSON."""
+  for number, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      yield number, json.loads(line)
+    except ValueError as e:
+      raise DataError(f"{url} line {number} is not JSON ({e}); {fix}") from None
+
+
 def read_jsonl(url: str, feature: str) -> list[bytes]:
   with _open(url) as handle:
     raw = _decompressed(url, handle.read())
   documents = []
-  for number, line in enumerate(io.BytesIO(raw), 1):
-    if not line.strip():
-      continue
-    try:
-      record = json.loads(line)
-    except ValueError as e:
-      raise DataError(f"{url} line {number} is not JSON ({e}); each line of a JSON-lines shard "
-                      "is one JSON object (give config.data.source=parquet for parquet)"
-                      ) from None
+  for number, record in json_lines(
+      io.BytesIO(raw), url, "each line of a JSON-lines shard is one JSON object (give "
+      "config.data.source=parquet for parquet)"):
     if not isinstance(record, dict) or feature not in record:
       keys = sorted(record) if isinstance(record, dict) else type(record).__name__
       raise DataError(f"config.data.text_feature={feature!r}: {url} line {number} has no such "
