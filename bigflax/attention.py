@@ -74,7 +74,7 @@ def _attend(q, k, v, mask, cfg: ModelConfig, deterministic: bool):
   that decide where attention goes."""
   dtype = DTYPES[cfg.dtype]
   scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32)
-  scores = scores / jnp.sqrt(cfg.head_dim).astype(jnp.float32)
+  scores = scores * jnp.float32(cfg.attention_scale)
   scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
   weights = jax.nn.softmax(scores, axis=-1).astype(dtype)
   weights = Dropout(cfg.dropout)(weights, deterministic=deterministic)
@@ -99,7 +99,7 @@ def _splash(q, k, v, segment_ids, cfg: ModelConfig, interpret: bool):
                                     interpret=interpret)
     heads_major = lambda x: jnp.swapaxes(x, 1, 2)
     out = jax.vmap(lambda q, k, v, ids: kernel(q, k, v, splash.SegmentIds(ids, ids)))(
-        heads_major(q * cfg.head_dim ** -0.5), heads_major(k), heads_major(v), segment_ids)
+        heads_major(q * cfg.attention_scale), heads_major(k), heads_major(v), segment_ids)
     return heads_major(out)
 
   return _per_shard(per_shard, q, k, v, segment_ids)
@@ -128,7 +128,7 @@ def _cudnn(q, k, v, segment_ids, cfg: ModelConfig, interpret: bool):
   # [batch, 1, length, length] array (1 byte per score, beside cuDNN's fused softmax).
   same_segment = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
   return jax.nn.dot_product_attention(q, k, v, mask=same_segment, is_causal=cfg.causal,
-                                      implementation="cudnn")
+                                      scale=cfg.attention_scale, implementation="cudnn")
 
 
 def _splash_unfit(cfg: ModelConfig, length: int) -> str:

@@ -140,6 +140,11 @@ class ModelConfig:
     return self.embed_dim // self.num_heads
 
   @property
+  def attention_scale(self) -> float:
+    """The factor on QKᵀ before the softmax."""
+    return self.head_dim ** -0.5
+
+  @property
   def generates(self) -> bool:
     """Whether the model continues text: a causal LM (not an encoder, not a classifier)."""
     return self.causal and not self.num_labels
