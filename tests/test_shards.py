@@ -1,14 +1,17 @@
 """Web-scale sources: parquet / JSON-lines shards (local and a fake gs://), train/val by shard,
-mixtures, the token cache (tools/prepare_data.py) and their one-line errors."""
+train shards split among hosts (each built here as its process would), mixtures, the token cache
+(tools/prepare_data.py) and their one-line errors."""
 
 import gzip
 import json
 import pathlib
+import re
 import subprocess
 import sys
 
 import fsspec
 import numpy as np
+import portpicker
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -19,7 +22,8 @@ from bigflax.config import base
 from bigflax.data import cache, mixture, pipeline, shards
 from bigflax.data.tokenizers import CharTokenizer
 from bigflax.errors import ConfigError, DataError
-from conftest import REPO
+from bigflax.rundir import read_metrics
+from conftest import REPO, bigflax_env
 
 
 def data_config(**fields):
@@ -277,12 +281,21 @@ def test_glob_matching_nothing(tmp_path):
   one_line(e)
 
 
+def train_batches(c, rows=slice(None), batch_size=4):
+  """The train pipeline of `config.data` c, as the process holding `rows` builds it (loading
+  the corpus leaves raw train shards unread: the pipeline reads this host's)."""
+  config = base()
+  config.data.update(c)
+  config.model.block_size = 16
+  return data.make_batches(data.load_corpus(c, 16), config, data.TRAIN, batch_size, rows)
+
+
 def test_not_parquet_names_the_file(tmp_path):
   write_parquet(tmp_path / "a.parquet", documents_of(0))
   (tmp_path / "b.parquet").write_text("just text\n")
   with pytest.raises(DataError, match=r"b.parquet is not a parquet file") as e:
-    data.load_corpus(data_config(source="parquet", path=str(tmp_path / "*.parquet"),
-                                 val_shards=0, val_path=str(tmp_path / "a.parquet")), 16)
+    train_batches(data_config(source="parquet", path=str(tmp_path / "*.parquet"), val_shards=0,
+                              val_path=str(tmp_path / "a.parquet")))
   one_line(e)
 
 
@@ -290,7 +303,7 @@ def test_bad_json_names_the_file_and_line(tmp_path):
   (tmp_path / "a.jsonl").write_bytes(jsonl_bytes(["one", "two"]) + b"{not json\n")
   (tmp_path / "b.jsonl").write_bytes(jsonl_bytes(["three"]))
   with pytest.raises(DataError, match=r"a.jsonl line 3 is not JSON") as e:
-    data.load_corpus(data_config(source="jsonl", path=str(tmp_path / "*.jsonl")), 16)
+    train_batches(data_config(source="jsonl", path=str(tmp_path / "*.jsonl")))
   one_line(e)
 
 
@@ -416,3 +429,177 @@ def test_overwrite_rebuilds_with_the_new_tokenizer_and_keeps_other_files(parquet
   assert manifest["tokenizer"]["name"] == "char" and (out / "notes.json").exists()
   corpus = data.load_corpus(data_config(source="cache", path=str(out), tokenizer="char"), 16)
   assert corpus.tokenizer.decode(corpus.val.tokens(0)) == documents_of(3)[0]
+
+
+def host_rows(host: int, hosts: int, batch_size: int) -> slice:
+  """The rows of a global batch that host `host` of `hosts` holds (sharding.process_rows)."""
+  width = batch_size // hosts
+  return slice(host * width, (host + 1) * width)
+
+
+@pytest.fixture
+def opened(monkeypatch):
+  """The shard URLs opened (every shard read goes through shards._open), in order."""
+  urls = []
+  real = shards._open
+
+  def recording(url):
+    urls.append(url)
+    return real(url)
+
+  monkeypatch.setattr(shards, "_open", recording)
+  return urls
+
+
+def jsonl_shards(directory, count: int, tag: str = "doc") -> str:
+  directory.mkdir(exist_ok=True)
+  for s in range(count):
+    (directory / f"s{s:02d}.jsonl.gz").write_bytes(gzip.compress(jsonl_bytes(
+        documents_of(s, tag=tag))))
+  return str(directory / "*.jsonl.gz")
+
+
+def shards_in(batch: dict, tag: str = "doc") -> set[int]:
+  """The shard numbers of the documents whose text the batch's rows hold (byte tokenizer)."""
+  text = b"|".join(bytes(row.astype(np.uint8)) for row in batch["targets"])
+  return {int(m) for m in re.findall(rb"%s (\d+)\." % tag.encode(), text)}
+
+
+@pytest.mark.parametrize("hosts", [2, 3])
+def test_each_host_reads_only_its_own_train_shards(tmp_path, opened, hosts):
+  path = jsonl_shards(tmp_path / "web", 7)  # 6 train shards, the last validates
+  urls = shards.expand(path)
+  train, val = urls[:6], urls[6]
+  c, config, batch_size = data_config(source="jsonl", path=path), base(), 12
+  config.model.block_size = 32
+  owned = []
+  for host in range(hosts):  # each host in turn, as its process would
+    opened.clear()
+    corpus = data.load_corpus(c, 32)
+    assert set(opened) == {val}  # loading counts the val documents alone
+    rows = host_rows(host, hosts, batch_size)
+    batches = data.make_batches(corpus, config, data.TRAIN, batch_size, rows)
+    local = [batches.batch(k) for k in range(6)]
+    own = set(opened) - {val}
+    assert own == set(train[host::hosts])
+    owned.append(own)
+    assert f"this is host {host} of {hosts}, reading its {6 // hosts} train" in (
+        batches.description)
+    seen = set()
+    for batch in local:
+      assert batch["inputs"].shape == (batch_size // hosts, 32)
+      assert batch["loss_mask"].sum() > 0.9 * batch["loss_mask"].size  # full rows
+      seen |= shards_in(batch)
+    assert seen and seen <= set(range(host, 6, hosts))  # its own documents alone
+    # The eval is the whole val split's global batches: this host's rows of them.
+    eval_set, info = data.eval_batches(corpus, config, batch_size, 2, rows)
+    assert eval_set[0]["inputs"].shape == (batch_size // hosts, 32) and info.split_documents == 20
+    assert set(opened) - {val} == own
+    # Resuming at step 5 of a fresh process: the same batch, read from the step alone.
+    again = data.make_batches(data.load_corpus(c, 32), config, data.TRAIN, batch_size, rows)
+    again.set_state({"step": 5})
+    for key, value in again.batch(5).items():
+      np.testing.assert_array_equal(value, local[5][key], err_msg=key)
+  assert set.union(*owned) == set(train)
+  assert sum(map(len, owned)) == len(train)  # disjoint
+
+
+def test_one_host_makes_the_global_batch_as_before(tmp_path, opened):
+  path = jsonl_shards(tmp_path / "web", 4)
+  c = data_config(source="jsonl", path=path)
+  whole, one = train_batches(c, batch_size=8), train_batches(c, slice(0, 8), batch_size=8)
+  assert "host" not in whole.description
+  for key, value in whole.batch(3).items():
+    np.testing.assert_array_equal(value, one.batch(3)[key])
+  assert set(opened) == set(shards.expand(path))  # every train shard, and the val shard
+
+
+def test_fewer_train_shards_than_hosts(tmp_path, opened):
+  c = data_config(source="jsonl", path=jsonl_shards(tmp_path / "web", 4))
+  with pytest.raises(DataError, match=r"^config.data.path='.*' has 3 train shard\(s\) for 4 "
+                                      r"hosts, so 1 host\(s\) would have none to read; give at "
+                                      "least 4 train shards") as e:
+    train_batches(c, host_rows(2, 4, 8), batch_size=8)
+  one_line(e)
+  assert all(url.endswith("s03.jsonl.gz") for url in opened)  # no train shard was read
+
+
+def test_mixture_hosts_mix_their_own_shares_of_every_source(tmp_path, opened):
+  web, code = jsonl_shards(tmp_path / "web", 4), jsonl_shards(tmp_path / "code", 4, tag="code")
+  c = data_config(mixture=f"web={web}:0.5;code={code}:0.5")
+  config = base()
+  config.model.block_size = 32
+  for host in range(3):
+    opened.clear()
+    corpus = data.load_corpus(c, 32)
+    batches = data.make_batches(corpus, config, data.TRAIN, 6, host_rows(host, 3, 6))
+    batch = batches.batch(4)
+    assert batch["inputs"].shape == (2, 32)
+    read = {(u.split("/")[-2], u.split("/")[-1]) for u in opened} - {
+        ("web", "s03.jsonl.gz"), ("code", "s03.jsonl.gz")}  # the val shards
+    assert read == {("web", f"s{host:02d}.jsonl.gz"), ("code", f"s{host:02d}.jsonl.gz")}
+    mixed = set()
+    for k in range(10):
+      mixed |= shards_in(batches.batch(k)) | {s + 10 for s in shards_in(batches.batch(k), "code")}
+    assert mixed == {host, host + 10}  # both sources, this host's shard of each
+  with pytest.raises(DataError, match=r"^config.data.mixture source 'web'='.*' has 3 train "
+                                      r"shard\(s\) for 6 hosts") as e:
+    data.make_batches(data.load_corpus(c, 32), config, data.TRAIN, 6, host_rows(0, 6, 6))
+  one_line(e)
+
+
+def test_windows_batching_refuses_raw_shards_split_among_hosts(tmp_path, opened):
+  c = data_config(source="jsonl", path=jsonl_shards(tmp_path / "web", 3), batching="windows")
+  with pytest.raises(DataError, match=r"^config.data.batching=windows joins the train split .* "
+                                      "use config.data.batching=packed") as e:
+    train_batches(c, host_rows(1, 2, 8), batch_size=8)
+  one_line(e)
+  assert all(url.endswith("s02.jsonl.gz") for url in opened)
+  assert train_batches(c, batch_size=8).batch(0)["inputs"].shape == (8, 16)  # one host: as before
+
+
+RECORDING = """
+import sys
+from bigflax import cli
+from bigflax.data import shards
+log, real = open(sys.argv[1], "w"), shards._open
+
+def recording(url):
+  log.write(url + "\\n")
+  log.flush()
+  return real(url)
+
+shards._open = recording
+cli.main(sys.argv[2:])
+"""
+
+
+@pytest.mark.slow  # 2 processes compile a tiny model: 41-46 CPU-s, 55-82 s on the loaded machine
+def test_two_processes_train_each_on_its_own_jsonl_shards(tmp_path):
+  path = jsonl_shards(tmp_path / "web", 5)  # 4 train shards, the last validates
+  urls = shards.expand(path)
+  address = f"127.0.0.1:{portpicker.pick_unused_port()}"
+  args = ["train", f"--workdir={tmp_path / 'run'}", "--config.data.source=jsonl",
+          f"--config.data.path={path}", "--config.data.tokenizer=byte", "--config.steps=3",
+          "--config.log_every=1", "--config.eval_every=3", "--config.eval_batches=1",
+          "--config.batch_size=8", "--config.model.block_size=32", "--config.model.num_layers=1",
+          "--config.model.num_heads=2", "--config.model.embed_dim=32", "--config.mesh.data=8",
+          "--config.optimizer.warmup_steps=1", "--config.sample.max_new_tokens=2",
+          "--config.sample.prompt=doc", f"--config.distributed.coordinator_address={address}",
+          "--config.distributed.num_processes=2", "--config.distributed.initialization_timeout=60"]
+  workers = [subprocess.Popen(
+      [sys.executable, "-c", RECORDING, str(tmp_path / f"opened{i}.txt"), *args,
+       f"--config.distributed.process_id={i}"], cwd=REPO, env=bigflax_env(4),
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  results = [w.communicate(timeout=240) for w in workers]
+  for worker, (_, err) in zip(workers, results):
+    assert worker.returncode == 0, err[-3000:]
+  for host in range(2):
+    opened = set((tmp_path / f"opened{host}.txt").read_text().split())
+    assert opened == set(urls[host:4:2]) | {urls[4]}  # its train shards and the val shard
+  assert "batches: packed train rows" in results[0][0]
+  assert "this is host 0 of 2, reading its 2 train shard(s) alone" in results[0][0]
+  records = read_metrics(tmp_path / "run")
+  assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
+  assert all(np.isfinite(r["loss"]) for r in records if "loss" in r)
+  assert 4.0 < next(r["eval_loss"] for r in records if "eval_loss" in r) < 7.0

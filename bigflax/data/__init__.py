@@ -103,18 +103,20 @@ def load_corpus(data_config, block_size: int, task: str = "lm") -> Corpus:
   if data_config.mixture and task == "lm":
     return _mixture_corpus(data_config)
   train, val, description = TASKS[task][0](data_config)
+  # Raw shards' train split is left unread: each host reads only its share (pipeline.host_of).
+  per_host = hasattr(train, "share")
   for split, documents in (("train", train), ("val", val)):
-    if not len(documents):
+    if not (per_host and split == "train") and not len(documents):
       raise DataError(f"the {split} split of {description} has no documents; give more text or "
                       "(for val) raise config.data.val_fraction")
   tokenizer = _tokenizer_for(data_config, train, val, description)
   labels = getattr(train, "names", ())
   train, val = pipeline.tokenized(train, tokenizer), pipeline.tokenized(val, tokenizer)
-  corpus = Corpus(train, val, tokenizer,
-                  f"{description}: {len(train):,} train / {len(val):,} val documents",
-                  task=task, labels=labels)
+  counts = (f"{len(val):,} val documents (each host counts the train documents of its own "
+            "shards)" if per_host else f"{len(train):,} train / {len(val):,} val documents")
+  corpus = Corpus(train, val, tokenizer, f"{description}: {counts}", task=task, labels=labels)
   if data_config.batching == "windows":
-    for split in (TRAIN, VAL):
+    for split in (VAL,) if per_host else (TRAIN, VAL):  # windows checks a train left unread
       check_long_enough(corpus.tokens(split), block_size, SPLIT_NAMES[split])
   return corpus
 
@@ -146,7 +148,7 @@ def _mixture_corpus(data_config) -> Corpus:
                                                    field=f"config.data.mixture source {name!r}")
     kinds.add(hasattr(train, "tokens"))
     for split, documents in (("train", train), ("val", val)):
-      if not len(documents):
+      if not (split == "train" and hasattr(documents, "share")) and not len(documents):
         raise DataError(f"the {split} split of mixture source {name!r} ({description}) has no "
                         "documents; give it more shards or lower config.data.val_shards")
     parts.append((name, weight, train, val, description))

@@ -15,8 +15,12 @@ labels[p] places the low-discrepancy point frac(p·φ) (φ the golden ratio) in 
 weights, P = 2^16: any run of n consecutive rows holds each source's share to within a few rows.
 Row i is row (i // P)·count[c] + rank[i mod P] of source c's own packed rows (its epochs shuffled
 by (seed, split, source number)), so batch k stays a pure function of (dataset, seed, k) and
-resuming costs O(1).
+resuming costs O(1). When the sources are raw shards on several hosts, each host mixes its own
+share of every source's train shards this way into its own rows (pipeline.py), so every source
+needs at least as many train shards as there are hosts.
 """
+
+import functools
 
 import numpy as np
 
@@ -131,7 +135,10 @@ class Concat:
 
   def __init__(self, sources: list):
     self._sources = sources
-    self._ends = np.cumsum([len(s) for s in sources])
+
+  @functools.cached_property
+  def _ends(self) -> np.ndarray:  # on first use: raw train shards are counted by their host
+    return np.cumsum([len(s) for s in self._sources])
 
   def __len__(self) -> int:
     return int(self._ends[-1]) if len(self._ends) else 0

@@ -12,6 +12,15 @@ epoch), and batch k is global rows k·batch_size … k·batch_size + batch_size 
 process makes only its `rows`. So batch k is a pure function of (dataset, seed, k), the same for
 any number of processes; the state is the step alone, and resuming costs nothing.
 
+Raw shards (parquet, jsonl: `shards`) are the exception for the train split: no host reads
+another's shards. A process's `rows` (sharding.process_rows: one range, the same size on every
+process) make it host h of H (`host_of`: H the batch's row ranges, so processes holding the same
+rows are one host and read the same shards); host h packs its own shards (`ShardSource.share`)
+into its own stream of rows, and its rows of batch k are that stream's rows k·w … k·w + w − 1
+(w = batch_size / H). Global batch k is the hosts' rows in host order: a pure function of
+(dataset, seed, k, H), still resumed from the step alone, and for H = 1 the batch above. The val
+split stays whole on every host (the eval below).
+
 Where the rows fall needs every document's token length, read once when the pipeline is built
 (`split_index`): the bytes' length for the byte tokenizer, a tokenization for the others.
 
@@ -34,7 +43,7 @@ import numpy as np
 
 from bigflax.data.packing import Layout, batch_fields
 from bigflax.data.tokenizers import ByteTokenizer
-from bigflax.data.windows import TRAIN, VAL, window_batch
+from bigflax.data.windows import TRAIN, VAL, check_long_enough, window_batch
 from bigflax.errors import DataError
 
 SPLIT_NAMES = {TRAIN: "train", VAL: "val"}
@@ -274,20 +283,66 @@ class Batches:
     self._iterator.set_state({"step": int(state["step"])})
 
 
-def packed(corpus, split: int, **kwargs) -> PackedIterator:
+def host_of(rows: slice, batch_size: int) -> tuple[int, int]:
+  """(h, H): the process holding `rows` of a global batch of `batch_size` rows is host h of the
+  H that hold a range of their own (every process's range the same size: process_rows)."""
+  start, stop, _ = rows.indices(batch_size)
+  width = stop - start
+  if width <= 0 or batch_size % width or start % width:
+    raise DataError(f"rows {start}:{stop} of a batch of {batch_size} are not one of equal "
+                    "ranges that split it; order config.mesh so the batch axes are outermost")
+  return start // width, batch_size // width
+
+
+def host_share(corpus, split: int, batch_size: int, rows: slice) -> tuple[int, int] | None:
+  """(h, H) when the split's documents (every mixture source's) are raw shards split among
+  several hosts (see the docstring), else None."""
+  if split != TRAIN:
+    return None
+  mixture = getattr(corpus, "mixture", None)
+  sources = [d for _, _, d in mixture] if mixture else [corpus.documents(split)]
+  if not all(hasattr(d, "share") for d in sources):
+    return None
+  host, hosts = host_of(rows, batch_size)
+  return (host, hosts) if hosts > 1 else None
+
+
+def packed(corpus, split: int, *, batch_size: int, rows: slice, **kwargs) -> PackedIterator:
+  documents = corpus.documents(split)
+  mixture = getattr(corpus, "mixture", None) if split == TRAIN else None
+  share = host_share(corpus, split, batch_size, rows)
+  if share:  # this host's own shards, into its own stream of rows
+    host, hosts = share
+    if mixture:
+      mixture = [(n, w, d.share(host, hosts)) for n, w, d in mixture]
+    else:
+      documents = documents.share(host, hosts)
+    batch_size, rows = batch_size // hosts, slice(None)
   mixed = None
-  if split == TRAIN and getattr(corpus, "mixture", None):  # [(name, weight, documents)]
+  if mixture:  # [(name, weight, documents)]
     from bigflax.data.mixture import MixedRows
-    parts = [PackedRows(documents, corpus.tokenizer, seed=kwargs["seed"], split=split,
-                        block_size=kwargs["block_size"], source=i)
-             for i, (_, _, documents) in enumerate(corpus.mixture)]
-    mixed = MixedRows(parts, [w for _, w, _ in corpus.mixture], [n for n, _, _ in corpus.mixture])
-  return PackedIterator(corpus.documents(split), corpus.tokenizer, split=split, packed=mixed,
-                        **kwargs)
+    mixed = MixedRows([PackedRows(d, corpus.tokenizer, seed=kwargs["seed"], split=split,
+                                  block_size=kwargs["block_size"], source=i)
+                       for i, (_, _, d) in enumerate(mixture)],
+                      [w for _, w, _ in mixture], [n for n, _, _ in mixture])
+  iterator = PackedIterator(documents, corpus.tokenizer, split=split, packed=mixed,
+                            batch_size=batch_size, rows=rows, **kwargs)
+  if share:
+    own = sum(len(d.urls) for d in ([d for _, _, d in mixture] if mixture else [documents]))
+    iterator.description += (f"; this is host {share[0]} of {share[1]}, reading its {own} "
+                             "train shard(s) alone")
+  return iterator
 
 
 def windows(corpus, split: int, **kwargs) -> WindowIterator:
-  return WindowIterator(corpus.tokens(split), split=split, **kwargs)
+  if host_share(corpus, split, kwargs["batch_size"], kwargs["rows"]):
+    raise DataError("config.data.batching=windows joins the train split into one token array on "
+                    "every host, and raw shards are split among the hosts so that none reads "
+                    "another's; use config.data.batching=packed")
+  tokens = corpus.tokens(split)
+  # load_corpus leaves a raw source's train split unread, as a pod's hosts need: checked here
+  check_long_enough(tokens, kwargs["block_size"], SPLIT_NAMES[split])
+  return WindowIterator(tokens, split=split, **kwargs)
 
 
 BATCHINGS = {"packed": packed, "windows": windows}

@@ -8,18 +8,33 @@ fsspec URL), as TextSource-like sequences of documents (`bytes`).
 A JSON-lines shard is `.jsonl`, `.jsonl.gz` or `.jsonl.zst` (zstd through pyarrow's codec, so no
 extra dependency); every line one JSON object. The glob is expanded by fsspec and sorted; the
 last `config.data.val_shards` shards validate, or those of a separate glob `config.data.val_path`.
+Nothing is opened until a document (or the count of them) is asked for.
 
-Hosts: every process expands the same glob itself (no host lists anything for another) and, as
-for every other source, builds the same global batch and keeps its rows (see pipeline.py): batch
-k is then the same for any number of processes and resuming costs nothing. That needs every
-document's token length on every host, which for raw shards means every host reads (and
-tokenizes) every shard once when the pipeline is built. At web scale, tokenize once with
-tools/prepare_data.py and train from the cache (`config.data.source=cache`): there the lengths
-are a small index per shard and a host reads only the token slices of its own rows.
+Hosts: every process expands the same glob itself (listing names only), and the train shards are
+split among the hosts that hold their own rows of each batch: host h of H (from its rows,
+`pipeline.host_of`) takes shards h, h + H, h + 2H, … of the sorted list (`share`), opens no
+other train shard, and packs its rows from its own documents alone (see pipeline.py). Striding
+rather than contiguous ranges spreads each host over the whole sorted list (shard names often
+follow the crawl date or the source); either way shares differ by at most one shard, so give a
+number of shards that is a multiple of the hosts, of similar sizes (a host that runs out of
+rows sooner starts its next epoch sooner). Fewer train shards than hosts is an error naming
+both. Batch k is then a pure function of (dataset, seed, k, number of hosts) and a run resumes
+from its step alone; resumed on another number of hosts it goes on with that number's batches.
+The val shards are not divided: every host reads them all (keep them few: the default is
+one), so the eval is the same global batches for any number of hosts and its counts (documents,
+predictions) are exact. Two more exceptions: the char tokenizer with no config.data.charset
+learns its characters from the whole corpus, so it reads every shard on every host (give the
+charset, or tokenize once, below, on a pod); and config.data.batching=windows, which joins the
+split into one array, is refused on several hosts.
+
+At web scale, tokenize once with tools/prepare_data.py and train from the cache
+(`config.data.source=cache`): there every host makes the same global batch and keeps its rows,
+the lengths a small index per shard and a host reading only the token slices of its own rows.
 """
 
 import bisect
 import collections
+import functools
 import gzip
 import io
 import json
@@ -173,23 +188,43 @@ def read_shard(url: str, feature: str, file_format: str = "") -> list[bytes]:
 
 class ShardSource:
   """The documents of a list of shards, by index across them (random access: a shard is read
-  whole when one of its documents is asked for, and the last few read are kept)."""
+  whole when one of its documents is asked for, and the last few read are kept). Nothing is
+  opened until a document or the count is asked for; `share` is one host's part of the list."""
 
   reads_whole_shards = True  # a document read out of order costs its whole shard
 
-  def __init__(self, urls: list[str], feature: str, file_format: str = "", keep: int = 2):
+  def __init__(self, urls: list[str], feature: str, file_format: str = "", keep: int = 2,
+               field: str = "config.data.path"):
+    # field: the setting that named these shards, for errors.
     self.urls, self._feature, self._format = list(urls), feature, file_format
+    self._field = field
     self._loaded = collections.OrderedDict()
     self._lock = threading.Lock()
     self._keep = keep
-    counts = []
-    for url in self.urls:
-      if (file_format or format_of(url)) == "parquet":
-        counts.append(parquet_count(url, feature))
-      else:  # a JSON-lines shard has no footer: count by reading it (kept for the next read)
-        counts.append(len(self._shard(len(counts))))
-    self.counts = counts
-    self._ends = np.cumsum(counts).tolist()
+    self._shares = {}
+
+  @functools.cached_property
+  def counts(self) -> list[int]:
+    """Each shard's documents: a parquet footer, or a JSON-lines shard read (and kept)."""
+    return [parquet_count(url, self._feature) if (self._format or format_of(url)) == "parquet"
+            else len(self._shard(number)) for number, url in enumerate(self.urls)]
+
+  @functools.cached_property
+  def _ends(self) -> list[int]:
+    return np.cumsum(self.counts).tolist()
+
+  def share(self, host: int, hosts: int) -> "ShardSource":
+    """Host `host` of `hosts`' shards: every `hosts`-th from the `host`-th (the same object each
+    time, so pipelines share its index); a DataError when there are fewer shards than hosts."""
+    if len(self.urls) < hosts:
+      raise DataError(f"{self._field} has {len(self.urls)} train shard(s) for {hosts} hosts, "
+                      f"so {hosts - len(self.urls)} host(s) would have none to read; give at "
+                      f"least {hosts} train shards (ideally a multiple of {hosts}: split the "
+                      "files further) or train on fewer hosts")
+    if (host, hosts) not in self._shares:
+      self._shares[host, hosts] = ShardSource(self.urls[host::hosts], self._feature,
+                                              self._format, self._keep, self._field)
+    return self._shares[host, hosts]
 
   def _shard(self, number: int) -> list[bytes]:
     with self._lock:  # pipelines' prefetch threads may share the source
@@ -233,6 +268,7 @@ def open_shards(path: str, val_path: str, val_shards: int, feature: str, file_fo
   else:
     train, val = split_shards(urls, val_shards, f"{field}={path!r}")
   how = (f"val: {val_path}" if val_path else f"the last {len(val)} validate")
-  return (ShardSource(train, feature, file_format), ShardSource(val, feature, file_format),
+  return (ShardSource(train, feature, file_format, field=f"{field}={path!r}"),
+          ShardSource(val, feature, file_format),
           f"{path} ({len(train)} train / {len(val)} val shards, {how})")
 
