@@ -18,8 +18,8 @@ target is a pipeline ≥ 10× the step, so input never holds the step up.
 
 Web-scale sources (`--web`, this report alone): synthetic web-like parquet shards (Zipf words,
 log-normal document lengths) in a temporary directory, tokens/s on one host, one core each:
-raw parquet → tokenize → pack (reading and tokenizing every shard, as a raw source does when its
-pipeline is built, then packed batches of 64 rows of 2,048), and cache → pack
+raw parquet → tokenize → pack (reading and tokenizing every shard, as a raw source's host does
+with its share of the shards when its pipeline is built, then packed batches of 64 rows of 2,048), and cache → pack
 (tools/prepare_data.py's token cache, memory-mapped, the same batches), for the byte tokenizer
 and a sentencepiece BPE model (8,000 pieces trained here unless --tokenizer_model). Targets: the
 cache path ≥ 1.5 M tokens/s; and how many cores the raw path would need for 1.2 M tokens/s
