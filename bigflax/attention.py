@@ -1,8 +1,9 @@
 """Attention, softmax(QKᵀ/√d)V, computed by XLA ops or by a fused kernel (config.model.attention).
 
-- xla: einsums over the materialised, masked [length, keys] scores (in query chunks of
-  model.attention_chunk); runs everywhere, and is the only path with dropout on the attention
-  weights and for decoding (the KV cache's mask depends on each query's position).
+- xla: einsums over the materialised, masked [length, keys] f32 scores, in query chunks of
+  model.attention_chunk when the rows are longer (checkpointed one by one under remat, so the
+  backward holds one chunk's scores); runs everywhere, and is the only path with dropout on the
+  attention weights and for decoding (the KV cache's mask depends on each query's position).
 - flash: the kernels JAX ships, which never write the scores to memory: on TPU the Pallas splash
   attention (causal and segment-id masks as block sparsity: fully masked blocks are skipped;
   grouped-query heads read their shared K/V in place), on GPU cuDNN's through
@@ -52,23 +53,33 @@ def _xla(q, k, v, segment_ids, cfg: ModelConfig, deterministic: bool):
 
 
 def _masked(q, k, v, mask, cfg: ModelConfig, deterministic: bool, chunk: int):
-  """The xla path for any mask [batch, length, keys]."""
+  """The xla path for any mask [batch, length, keys]; `chunk` < length: in chunks of queries."""
   # Grouped-query attention: query head h reads kv head h // group (Hugging Face's layout).
   q = q.reshape(*q.shape[:2], cfg.kv_heads, cfg.num_heads // cfg.kv_heads, cfg.head_dim)
-  if chunk:
-    # Causal attention in chunks of queries: chunk [a, b) reads keys [0, b) only, skipping the
-    # key blocks the mask would zero anyway — with n chunks, (n + 1) / 2n of the full work.
+  dropout = bool(cfg.dropout) and not deterministic
+  length = q.shape[1]
+  if chunk and chunk < length:
+    attend = _attend
+    if cfg.remat != "none" and not dropout:
+      # The backward of a rematerialised block recomputes its forward: recomputing each chunk's
+      # scores inside that chunk's own backward keeps one chunk's f32 scores and weights live
+      # instead of every chunk's (the whole square's worth).
+      attend = jax.checkpoint(_attend, static_argnums=(4, 5))
+    # A causal chunk [a, b) reads keys [0, b) only, skipping the key blocks the mask would zero
+    # anyway — with n chunks, (n + 1) / 2n of the full work.
+    ends = [a + chunk if cfg.causal else k.shape[1] for a in range(0, length, chunk)]
     out = jnp.concatenate([
-        _attend(q[:, a:a + chunk], k[:, :a + chunk], v[:, :a + chunk],
-                mask[:, a:a + chunk, :a + chunk], cfg, deterministic)
-        for a in range(0, q.shape[1], chunk)], axis=1)
+        attend(q[:, a:a + chunk], k[:, :end], v[:, :end], mask[:, a:a + chunk, :end], cfg,
+               dropout)
+        for a, end in zip(range(0, length, chunk), ends)], axis=1)
   else:
-    out = _attend(q, k, v, mask, cfg, deterministic)
+    out = _attend(q, k, v, mask, cfg, dropout)
   return out.reshape(*out.shape[:2], cfg.num_heads, cfg.head_dim)
 
 
-def _attend(q, k, v, mask, cfg: ModelConfig, deterministic: bool):
-  """softmax(QKᵀ/√d)V for q [b, q, kv_heads, group, d], k and v [b, s, kv_heads, d], mask [b, q, s].
+def _attend(q, k, v, mask, cfg: ModelConfig, dropout: bool):
+  """softmax(QKᵀ/√d)V for q [b, q, kv_heads, group, d], k and v [b, s, kv_heads, d], mask [b, q, s],
+  with dropout on the weights if `dropout`.
 
   Scores and softmax in f32 whatever the compute dtype: bf16 logits lose the small differences
   that decide where attention goes."""
@@ -77,7 +88,8 @@ def _attend(q, k, v, mask, cfg: ModelConfig, deterministic: bool):
   scores = scores * jnp.float32(cfg.attention_scale)
   scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
   weights = jax.nn.softmax(scores, axis=-1).astype(dtype)
-  weights = Dropout(cfg.dropout)(weights, deterministic=deterministic)
+  if dropout:
+    weights = Dropout(cfg.dropout)(weights, deterministic=False)
   return jnp.einsum("bkgqs,bskd->bqkgd", weights, v.astype(dtype),
                     preferred_element_type=jnp.float32).astype(dtype)
 

@@ -55,9 +55,11 @@ class ModelConfig:
   # Activations the backward pass recomputes instead of keeping (jax.checkpoint policies):
   # none | full | save_dots (keep matmul outputs) | save_dots_no_batch (keep weight-only matmuls)
   remat: str = "none"
-  # Causal attention in chunks of this many queries, each reading only the keys up to its end:
-  # the fully masked blocks are never computed. 0 = all queries at once (one masked square).
-  attention_chunk: int = 0
+  # xla attention in chunks of this many queries when the rows are longer; causal chunks read only
+  # the keys up to their end (the fully masked blocks are never computed), and under remat each
+  # chunk's f32 scores are recomputed in its own backward (one chunk's live, not all).
+  # 0 = all queries at once (one masked square).
+  attention_chunk: int = 1024
   # How attention is computed (bigflax.attention): xla (einsums; dropout, decoding, any device) |
   # flash (JAX's fused kernel: Pallas splash on TPU, cuDNN on GPU; no [length, length] scores in
   # memory, no attention dropout) | auto (flash where a kernel fits, else xla) | flash_interpret
@@ -77,6 +79,12 @@ class ModelConfig:
   lora_rank: int = 0
   lora_alpha: float = 16.0
   lora_targets: tuple[str, ...] = ("query", "value")
+  # standard | mup: μP for Adam (Yang et al. 2022, "Tensor Programs V"): hidden matrices' init
+  # std × sqrt(base/width) and their Adam learning rates × base/width, the output layer's input
+  # × base/width, attention scores × 1/head_dim (sqrt(base head_dim)/head_dim), so the best
+  # hyper-parameters found at mup_base_width hold at any embed_dim (grown with num_heads fixed).
+  parametrization: str = "standard"
+  mup_base_width: int = 128  # mup: the embed_dim at which μP is exactly the standard model
 
   def __post_init__(self):
     for name in ("block_size", "num_layers", "num_heads", "embed_dim"):
@@ -98,15 +106,16 @@ class ModelConfig:
             "dimension (config.model.embed_dim / config.model.num_heads)")
     require(self.norm_eps > 0 and self.rope_theta > 0,
             "config.model.norm_eps and config.model.rope_theta must be positive")
-    require(self.causal or not self.attention_chunk,
-            "config.model.attention_chunk skips the keys after each chunk, which a bidirectional "
-            "model (config.model.causal=False) reads; set config.model.attention_chunk=0")
     require(not (self.attention.startswith("flash") and self.dropout),
             f"config.model.attention={self.attention!r} cannot drop attention weights inside the "
             "fused kernel; set config.model.dropout=0, or attention=auto (xla while training "
             "with dropout)")
     require(self.num_labels >= 0, f"config.model.num_labels must be >= 0 (0 = the LM head), got "
             f"{self.num_labels}")
+    require(self.parametrization in PARAMETRIZATIONS, f"config.model.parametrization="
+            f"{self.parametrization!r} is unknown; choose one of {sorted(PARAMETRIZATIONS)}")
+    require(self.mup_base_width > 0, f"config.model.mup_base_width must be a positive width "
+            f"(the embed_dim μP is tuned at, e.g. 128), got {self.mup_base_width}")
     object.__setattr__(self, "mlp_dim", self.mlp_dim or 4 * self.embed_dim)  # resolve the 0
     object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
     if self.lora_rank:
@@ -141,8 +150,17 @@ class ModelConfig:
 
   @property
   def attention_scale(self) -> float:
-    """The factor on QKᵀ before the softmax."""
-    return self.head_dim ** -0.5
+    """The factor on QKᵀ before the softmax: 1/sqrt(head_dim), or under μP sqrt(base head_dim) /
+    head_dim. μP needs 1/head_dim (q and k become correlated in training, so QKᵀ grows like
+    head_dim, not its root); the constant sqrt(base head_dim) makes it equal the standard scale
+    at the base width, where μP is the standard model."""
+    return self.head_dim ** -0.5 * self.width_ratio ** 0.5
+
+  @property
+  def width_ratio(self) -> float:
+    """mup_base_width / embed_dim under μP (1 under standard): the factor on hidden matrices'
+    Adam learning rates and on the output layer's input; its root scales their init std."""
+    return PARAMETRIZATIONS[self.parametrization](self)
 
   @property
   def generates(self) -> bool:
@@ -156,12 +174,20 @@ class ModelConfig:
   @classmethod
   def from_config(cls, model_config, finetune=None) -> "ModelConfig":
     """From `config.model` (a ConfigDict or a dict) and, for the LoRA adapters,
-    `config.finetune` (None: no adapters), checked."""
+    `config.finetune` (None: no adapters), checked. A field the config lacks (a config.json
+    written before the field existed) takes its default."""
     fields = {f.name: model_config[f.name] for f in dataclasses.fields(cls)
-              if f.name not in FINETUNE_FIELDS}
+              if f.name not in FINETUNE_FIELDS and f.name in model_config}
     if finetune is not None:
       fields.update({name: finetune[name] for name in FINETUNE_FIELDS})
     return cls(**fields)
+
+
+# config.model.parametrization → the model's base width / its width (ModelConfig.width_ratio).
+PARAMETRIZATIONS = {
+    "standard": lambda cfg: 1.0,
+    "mup": lambda cfg: cfg.mup_base_width / cfg.embed_dim,
+}
 
 
 # ModelConfig's fields that config.finetune sets (the adapters belong to fine-tuning, not to the
@@ -205,6 +231,10 @@ def base() -> ml_collections.ConfigDict:
   # Weight of the z-loss, mean log²Z of the softmax normalizer (PaLM: 1e-4); keeps logits from
   # drifting. 0 = off.
   c.z_loss = 0.0
+  # Compute the LM head's f32 logits and the loss in chunks of this many positions per row, one
+  # chunk live at a time (recomputed in the backward pass), when the rows are longer: a long
+  # context's logits need not fit whole. 0 = the whole row at once.
+  c.loss_chunk = 1024
   # lm: a language model (config.objective) | classify: a label per example (model.num_labels)
   c.task = "lm"
   # lm: next_token (a causal decoder) | mlm (BERT's masked LM; needs model.causal=False)

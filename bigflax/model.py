@@ -44,7 +44,7 @@ class SelfAttention(nn.Module):
 
     def project(name, heads, heads_axis):
       y = Einsum("ble,ehd->blhd", (cfg.embed_dim, heads, cfg.head_dim),
-                 ("embed", heads_axis, "head_dim"), 0.02, cfg, name=name)(x)
+                 ("embed", heads_axis, "head_dim"), _hidden_std(cfg), cfg, name=name)(x)
       return nn.with_logical_constraint(y, ("batch", "length", heads_axis, "head_dim"))
 
     q = project("query", cfg.num_heads, "heads")
@@ -83,8 +83,8 @@ class MLP(nn.Module):
     activation, gated = MLPS[cfg.mlp]
 
     def up(name):
-      return Einsum("ble,em->blm", (cfg.embed_dim, cfg.mlp_dim), ("embed", "mlp"), 0.02, cfg,
-                    name=name)(x)
+      return Einsum("ble,em->blm", (cfg.embed_dim, cfg.mlp_dim), ("embed", "mlp"),
+                    _hidden_std(cfg), cfg, name=name)(x)
 
     h = activation(up("gate")) * up("up") if gated else activation(up("up"))
     h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
@@ -120,7 +120,10 @@ class Transformer(nn.Module):
   positions [batch, length] (default 0, 1, …) index the position embedding or rotation;
   segment_ids [batch, length] (default all one; 0 = padding) keep packed documents apart: a token
   attends only to (earlier) tokens with its own segment id. decode=True reads and writes the
-  "cache" collection (see SelfAttention); then positions say where each token goes."""
+  "cache" collection (see SelfAttention); then positions say where each token goes.
+  hidden=True (a language model) returns (the final states [batch, length, embed], head): head
+  maps states to their f32 logits as a pure function of the params, so a loss can compute the
+  logits a chunk at a time (bigflax.objective, config.loss_chunk)."""
   cfg: ModelConfig
 
   def __post_init__(self):
@@ -129,7 +132,7 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, tokens, positions=None, segment_ids=None, *, deterministic: bool = True,
-               decode: bool = False):
+               decode: bool = False, hidden: bool = False):
     cfg = self.cfg
     dtype, param_dtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
     if decode and not cfg.generates:
@@ -161,7 +164,9 @@ class Transformer(nn.Module):
       for i in range(cfg.num_layers):
         x, _ = block(cfg, deterministic, decode, name=f"block_{i}")(x, positions, segment_ids)
 
-    x = NORMS[cfg.norm](cfg, "norm_final")(x)
+    # μP's output multiplier (base/width; 1 under standard) on the head's input: for a linear head
+    # that is the logits' multiplier, and with tied embeddings the shared readout x·Eᵀ·base/width.
+    x = NORMS[cfg.norm](cfg, "norm_final")(x) * cfg.width_ratio
     if cfg.num_labels:
       # One state per sequence: a decoder's last real token has read the whole sequence; an
       # encoder's first token reads everything anyway (BERT's [CLS] place).
@@ -170,18 +175,40 @@ class Transformer(nn.Module):
       logits = Einsum("ble,en->bln", (cfg.embed_dim, cfg.num_labels), ("embed", None), 0.02, cfg,
                       result_dtype=jnp.float32, name="classifier")(pooled)
       return logits[:, 0]
-    if cfg.tie_embeddings:
-      logits = matmul("ble,ve->blv", x, token_embed.embedding, dtype)
-    else:
-      logits = Einsum("ble,ev->blv", (cfg.embed_dim, cfg.vocab_size), ("embed", "vocab"), 0.02,
-                      cfg, use_bias=False, result_dtype=jnp.float32, name="lm_head")(x)
+    if hidden:
+      return x, output_head(cfg, self.variables["params"])
+    logits = _output_head(cfg, token_embed.embedding)(x)
     return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
 
 
+def _output_head(cfg: ModelConfig, embedding, **module_args):
+  """states [batch, length, embed] → f32 logits: x·Eᵀ with the token embedding E when tied, else
+  the lm_head projection."""
+  if cfg.tie_embeddings:
+    return lambda x: matmul("ble,ve->blv", x, embedding, DTYPES[cfg.dtype])
+  return Einsum("ble,ev->blv", (cfg.embed_dim, cfg.vocab_size), ("embed", "vocab"), 0.02, cfg,
+                use_bias=False, result_dtype=jnp.float32, name="lm_head", **module_args)
+
+
+def output_head(cfg: ModelConfig, params):
+  """The LM head of a model with `params` (unboxed) as a function of the final states alone: no
+  module is bound, so it can run under jax.checkpoint or a scan."""
+  head = _output_head(cfg, params["token_embed"]["embedding"], parent=None)
+  if cfg.tie_embeddings:
+    return head
+  return lambda x: head.apply({"params": params["lm_head"]}, x)
+
+
+def _hidden_std(cfg: ModelConfig) -> float:
+  # GPT-2 init: N(0, 0.02). Under μP a hidden matrix's init variance goes as 1/fan_in, and every
+  # hidden fan-in grows with embed_dim: × base/width, equal to GPT-2's at the base width.
+  return 0.02 * cfg.width_ratio ** 0.5
+
+
 def _residual_std(cfg: ModelConfig) -> float:
-  # GPT-2 init: N(0, 0.02), and the projections that write into the residual stream are scaled
-  # by 1/sqrt(2 * num_layers) so the residual variance does not grow with depth.
-  return 0.02 / (2 * cfg.num_layers) ** 0.5
+  # The projections that write into the residual stream are scaled by 1/sqrt(2 * num_layers) so
+  # the residual variance does not grow with depth (GPT-2).
+  return _hidden_std(cfg) / (2 * cfg.num_layers) ** 0.5
 
 
 def _block_class(cfg: ModelConfig):

@@ -10,10 +10,17 @@ mlm (BERT, Devlin et al. 2019): mask_rate of the real tokens are chosen; of thos
 become [MASK], random_fraction a random token and the rest stay; the loss is the same
 cross-entropy of the original tokens, at the chosen positions only. The choice is drawn inside
 the step from the step's key, so it differs per step and a resumed run draws the same.
+
+Both take the model's logits whole ([batch, length, vocab] f32: 2 GiB per device for Llama-2's
+vocabulary at 4 × 4,096 tokens, and as much again for their softmax) unless config.loss_chunk is
+shorter than the rows: then the head's logits, log-softmax and per-token statistics are computed
+chunk by chunk in a scan under jax.checkpoint, so one chunk's logits are live at a time, in the
+forward and the backward pass alike. The statistics are the same per token either way.
 """
 
 import typing
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -35,14 +42,46 @@ def next_token_loss(logits, targets, loss_mask, z_loss: float = 0.0):
   returned loss includes the z-loss term; metrics["loss"] is the cross-entropy alone, so runs with
   and without z-loss report comparable numbers.
   """
+  return _loss_of_token_stats(*token_stats(logits, targets), loss_mask, z_loss)
+
+
+def token_stats(logits, targets):
+  """Per position, in f32: (log p(target), log Z the log of the softmax normalizer, 1 where the
+  argmax is the target)."""
+  logits = logits.astype(jnp.float32)
+  return (token_log_likelihood(logits, targets), jax.nn.logsumexp(logits, axis=-1),
+          (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32))
+
+
+def chunked_token_stats(states, head, targets, chunk: int):
+  """token_stats of head(states) ([batch, length, embed] → f32 logits), the length cut into
+  chunks of `chunk` positions (the last one padded) that a scan visits one at a time. Each chunk
+  is checkpointed: its backward recomputes its logits instead of keeping them."""
+  batch, length = targets.shape
+  chunks = -(-length // chunk)
+  pad = chunks * chunk - length
+  states = jnp.pad(states, ((0, 0), (0, pad), (0, 0)))
+  targets = jnp.pad(targets, ((0, 0), (0, pad)))
+
+  @jax.checkpoint
+  def one_chunk(args):
+    states, targets = args
+    logits = nn.with_logical_constraint(head(states), ("batch", "length", "vocab"))
+    return token_stats(logits, targets)
+
+  def chunks_major(x):  # [batch, chunks·chunk, …] → [chunks, batch, chunk, …]
+    return jnp.swapaxes(x.reshape(batch, chunks, chunk, *x.shape[2:]), 0, 1)
+  stats = jax.lax.map(one_chunk, (chunks_major(states), chunks_major(targets)))
+  return [jnp.swapaxes(s, 0, 1).reshape(batch, -1)[:, :length] for s in stats]
+
+
+def _loss_of_token_stats(log_likelihood, log_z, correct, loss_mask, z_loss: float):
   mask = loss_mask.astype(jnp.float32)
   num_tokens = mask.sum()
   # max(…, 1) keeps an all-masked batch finite (loss 0) instead of 0/0.
   denominator = jnp.maximum(num_tokens, 1.0)
-  cross_entropy = -(token_log_likelihood(logits, targets) * mask).sum() / denominator
-  log_z = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)
+  cross_entropy = -(log_likelihood * mask).sum() / denominator
   z_term = z_loss * (jnp.square(log_z) * mask).sum() / denominator
-  correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
   accuracy = (correct * mask).sum() / denominator
   return cross_entropy + z_term, {"loss": cross_entropy, "z_loss": z_term, "accuracy": accuracy,
                                   "num_tokens": num_tokens}
@@ -62,12 +101,24 @@ def mask_tokens(rng, tokens, real, *, mask_rate: float, mask_fraction: float,
   return jnp.where(chosen, corrupted, tokens), chosen.astype(jnp.float32)
 
 
+def model_loss(logits_fn, inputs, targets, loss_mask, config):
+  """next_token_loss of the model's logits on `inputs`: `logits_fn(inputs)` gives them whole,
+  `logits_fn(inputs, hidden=True)` the final states and the head (bigflax.model.Transformer),
+  which config.loss_chunk shorter than the rows takes chunk by chunk."""
+  # .get: a config.json written before loss_chunk existed takes the logits whole.
+  chunk = config.get("loss_chunk", 0)
+  if not chunk or chunk >= inputs.shape[1]:
+    return next_token_loss(logits_fn(inputs), targets, loss_mask, config.z_loss)
+  states, head = logits_fn(inputs, hidden=True)
+  return _loss_of_token_stats(*chunked_token_stats(states, head, targets, chunk), loss_mask,
+                              config.z_loss)
+
+
 def next_token(logits_fn, batch, rng, config):
   """`logits_fn(inputs)` → the model's logits on the batch's rows; (loss, metrics) as in
   next_token_loss."""
   del rng
-  return next_token_loss(logits_fn(batch["inputs"]), batch["targets"], batch["loss_mask"],
-                         config.z_loss)
+  return model_loss(logits_fn, batch["inputs"], batch["targets"], batch["loss_mask"], config)
 
 
 def masked_lm(logits_fn, batch, rng, config):
@@ -83,7 +134,7 @@ def masked_lm(logits_fn, batch, rng, config):
                                   mask_fraction=m.mask_fraction,
                                   random_fraction=m.random_fraction,
                                   mask_token_id=m.mask_token_id)
-  return next_token_loss(logits_fn(corrupted), tokens, chosen, config.z_loss)
+  return model_loss(logits_fn, corrupted, tokens, chosen, config)
 
 
 class Objective(typing.NamedTuple):
@@ -99,7 +150,10 @@ OBJECTIVES = {
 
 
 def check_config(c) -> None:
-  """The objective and its model agree; the masking rates are rates. ConfigError if not."""
+  """The objective and its model agree; the masking rates are rates; the loss chunk is a length.
+  ConfigError if not."""
+  require(c.get("loss_chunk", 0) >= 0, f"config.loss_chunk must be >= 0 (0 = whole rows), got "
+          f"{c.get('loss_chunk')}")
   require(c.objective in OBJECTIVES, f"config.objective={c.objective!r} is unknown; choose one of "
           f"{sorted(OBJECTIVES)}")
   objective = OBJECTIVES[c.objective]

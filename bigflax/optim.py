@@ -3,7 +3,7 @@
 import jax
 import optax
 
-from bigflax.config import require
+from bigflax.config import ModelConfig, require
 from bigflax.errors import ConfigError
 
 
@@ -62,15 +62,27 @@ def _sgd(c, lr):
 _MUON_AXES = {"query": (-3, (-2, -1)), "key": (-3, (-2, -1)), "value": (-3, (-2, -1)),
               "out": ((-3, -2), -1)}
 _MUON_DEFAULT_AXES = (-2, -1)  # MLP up/gate/down and any other [in, out] kernel
-_NOT_MUON = ("lm_head",)  # the output layer stays with AdamW (as do embeddings, norms, biases)
+# The output layers map the residual stream onto a fixed number of outputs (vocabulary, labels).
+_OUTPUT_LAYERS = ("lm_head", "classifier")
+
+
+def is_hidden_matrix(names: tuple[str, ...]) -> bool:
+  """Whether the param at a path (its module and param names) is a hidden weight matrix: a
+  projection kernel outside the output layers, whose fan-in and fan-out both grow with the
+  model's width. Embeddings, norms, biases, LoRA adapters and the output layers are not; Muon
+  orthogonalises the hidden matrices and μP scales their learning rates.
+
+  By names, not shapes or logical axes: a scanned stack adds a leading axis, and the optimizer
+  sees unboxed params (no logical axes) in every update and when re-initialised for init_from."""
+  return len(names) >= 2 and names[-1] == "kernel" and names[-2] not in _OUTPUT_LAYERS
 
 
 def muon_dimension_numbers(params):
-  """For each leaf: its optax.contrib.MuonDimensionNumbers when Muon orthogonalises it (a hidden
-  weight matrix: a ≥2-D `kernel` outside the output layer), else None (AdamW)."""
+  """For each leaf: its optax.contrib.MuonDimensionNumbers when Muon orthogonalises it (a ≥2-D
+  hidden weight matrix), else None (AdamW)."""
   def spec(path, leaf):
-    names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
-    if len(names) < 2 or names[-1] != "kernel" or names[-2] in _NOT_MUON:
+    names = _names(path)
+    if not is_hidden_matrix(names):
       return None
     reduction, output = _MUON_AXES.get(names[-2], _MUON_DEFAULT_AXES)
     rank = len(leaf.shape)
@@ -119,6 +131,22 @@ def _drop_empty_boxes(state):
 
 
 OPTIMIZERS = {"adamw": _adamw, "adam": _adam, "sgd": _sgd, "muon": _muon}
+# The optimizers whose μP (config.model.parametrization=mup) mup_learning_rates implements.
+MUP_OPTIMIZERS = ("adam", "adamw")
+
+
+def mup_learning_rates(width_ratio: float) -> optax.GradientTransformation:
+  """μP for Adam (Yang et al. 2022, Tensor Programs V, table 3), after the optimizer: the
+  updates of hidden weight matrices × base/width (`width_ratio`), embeddings, norms, biases and
+  the output layers unchanged. Adam's step is lr-sized per entry whatever the gradient's scale,
+  so a hidden matrix's step moves its outputs by lr × fan_in: the ratio keeps that constant as
+  the width grows. It scales the whole step, AdamW's decoupled weight decay included (tied to
+  the learning rate)."""
+  labels = lambda params: jax.tree_util.tree_map_with_path(
+      lambda path, _: "hidden" if is_hidden_matrix(_names(path)) else "other", params)
+  return optax.multi_transform({"hidden": optax.scale(width_ratio), "other": optax.identity()},
+                               labels)
+
 
 _ADAPTERS = ("lora_a", "lora_b")
 _HEAD = "classifier"
@@ -175,12 +203,19 @@ def learning_rate_schedule(c, steps: int) -> optax.Schedule:
   return SCHEDULES[c.schedule](c, steps)
 
 
-def make_optimizer(c, steps: int) -> optax.GradientTransformation:
-  """`c` is `config.optimizer`; `steps` the run length (the default cosine decay horizon)."""
+def make_optimizer(c, steps: int, model: ModelConfig | None = None
+                   ) -> optax.GradientTransformation:
+  """`c` is `config.optimizer`; `steps` the run length (the default cosine decay horizon);
+  `model` the model's config, whose parametrization (μP) scales the hidden learning rates."""
   transforms = []
   if c.clip_norm:
     transforms.append(optax.clip_by_global_norm(c.clip_norm))
   transforms.append(OPTIMIZERS[c.name](c, learning_rate_schedule(c, steps)))
+  if model is not None and model.parametrization == "mup":
+    require(c.name in MUP_OPTIMIZERS, f"config.model.parametrization='mup' is μP for Adam, not "
+            f"config.optimizer.name={c.name!r}; choose one of {sorted(MUP_OPTIMIZERS)} (or "
+            "parametrization='standard')")
+    transforms.append(mup_learning_rates(model.width_ratio))
   return optax.chain(*transforms)
 
 

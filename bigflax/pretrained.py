@@ -30,7 +30,7 @@ from bigflax.model import Transformer, abstract_params, stack_layers, unstack_la
 # the first rows of the source's position table.
 ARCHITECTURE_FIELDS = ("vocab_size", "block_size", "num_layers", "num_heads", "num_kv_heads",
                        "embed_dim", "mlp_dim", "use_bias", "tie_embeddings", "norm", "positions",
-                       "mlp")
+                       "mlp", "parametrization", "mup_base_width")
 TOKENIZER_FIELDS = ("tokenizer", "tokenizer_model", "charset")  # of config.data
 _POSITION_TABLE = "position_embed/embedding"
 _STEP = re.compile(r"(.+):(\d+)")

@@ -160,9 +160,10 @@ def resolve(config, tokenizer, labels=None):
 
 
 def _logits_fn(state: TrainState, params, batch, **kwargs):
-  """inputs → the model's outputs on them, at the batch's positions and segments."""
-  return lambda inputs: state.apply_fn({"params": params}, inputs, batch.get("positions"),
-                                       batch.get("segment_ids"), **kwargs)
+  """inputs → the model's outputs on them, at the batch's positions and segments (keywords: the
+  model's, e.g. hidden=True)."""
+  return lambda inputs, **more: state.apply_fn({"params": params}, inputs, batch.get("positions"),
+                                               batch.get("segment_ids"), **kwargs, **more)
 
 
 def _microbatch_grads(state: TrainState, batch, rng, task: Task, config, trainable):
@@ -235,7 +236,8 @@ def eval_summary(totals: dict) -> dict[str, float]:
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
-  tx = optim.make_optimizer(config.optimizer, config.steps)
+  tx = optim.make_optimizer(config.optimizer, config.steps,
+                            ModelConfig.from_config(config.model, config.finetune))
   trainable = optim.trainable_of(config.finetune)
   if trainable != "all":  # frozen params: no update and no optimizer state
     tx = optim.freeze(tx, trainable)

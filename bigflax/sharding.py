@@ -107,7 +107,8 @@ def check_batch_size(config, batch_sharding: NamedSharding) -> None:
     raise ShardingError(
         f"config.batch_size={config.batch_size} must split into config.grad_accum_steps="
         f"{config.grad_accum_steps} microbatches each divisible by config.mesh.data × "
-        f"config.mesh.fsdp = {shards}; change config.batch_size or the mesh")
+        f"config.mesh.fsdp = {shards}; change config.batch_size or the mesh (config.mesh.tensor "
+        "> 1 splits heads instead of rows: fewer, longer rows fit that way)")
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -115,6 +115,23 @@ def test_a_model_that_does_not_fit_gets_settings_that_do(monkeypatch):
   assert lines[-1].strip().startswith("fits") and "--config.mesh.fsdp=-1" in lines[-1]
 
 
+@pytest.mark.slow
+def test_a_chunked_loss_keeps_whole_rows_of_logits_out_of_the_compiled_step():
+  """config.loss_chunk: the f32 logits [rows, length, vocab], the step's largest temporary when
+  the loss takes them whole, are gone from the compiled step's buffers, and the total drops."""
+  pytest.importorskip("libtpu", reason="libtpu is not installed, so nothing can be compiled for "
+                      "TPU here: pip install -e '.[test]' installs it")
+  c = small_config()
+  c.model.vocab_size, c.model.block_size, c.batch_size = 8192, 1024, 8
+  c.model.update(num_layers=1, embed_dim=64, num_heads=2, scan_layers=True, remat="full")
+  logits = "f32[2,1024,8192]"  # 2 rows on each of 4 chips
+  whole = aot.compile_plan(c, "v5e:2x2", {"loss_chunk": 0})
+  chunked = aot.compile_plan(c, "v5e:2x2", {"loss_chunk": 256})
+  assert whole.largest_temps[0].shape == logits
+  assert logits not in {b.shape for b in chunked.largest_temps}
+  assert chunked.temp_bytes < 0.5 * whole.temp_bytes
+
+
 def test_a_batch_that_does_not_split_over_the_chips_names_the_field():
   pytest.importorskip("libtpu", reason="libtpu is not installed, so nothing can be compiled for "
                       "TPU here: pip install -e '.[test]' installs it")

@@ -85,11 +85,49 @@ def test_flash_on_a_mesh_runs_on_each_devices_rows_and_heads():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), grads_flash, grads_xla)
 
 
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_xla_attention_in_query_chunks_equals_the_whole_square(causal):
+  """model.attention_chunk shorter than the rows (128 = 48 + 48 + 32): outputs and dq, dk, dv
+  equal the whole square's. Under remat each chunk is checkpointed (its scores recomputed in its
+  own backward); without remat none is, so the CPU's fast path is as it was."""
+  cfg = ModelConfig(block_size=LENGTH, num_heads=4, num_kv_heads=2, embed_dim=128,
+                    causal=causal, attention="xla", attention_chunk=0)
+  q, k, v = qkv(4, 2)
+  out_whole, grads_whole = run(cfg, q, k, v, PACKED)
+  for remat, checkpoints in (("none", 0), ("full", 3)):
+    chunked = replace(cfg, attention_chunk=48, remat=remat)
+    out, grads = run(chunked, q, k, v, PACKED)
+    np.testing.assert_allclose(out, out_whole, atol=1e-5)
+    for name, got, want in zip("qkv", grads, grads_whole):
+      np.testing.assert_allclose(got, want, atol=1e-5, err_msg=f"d{name}, remat={remat}")
+    program = str(jax.make_jaxpr(lambda q: Attend(chunked).apply({}, q, k, v, PACKED))(q))
+    assert program.count("remat2") == checkpoints
+
+
 def model_config(**overrides):
   return ModelConfig(**{**dict(vocab_size=64, block_size=LENGTH, num_layers=1, num_heads=2,
                                 num_kv_heads=1, embed_dim=32, mlp_dim=64, norm="rmsnorm",
                                 positions="rope", mlp="swiglu", use_bias=False,
                                 tie_embeddings=False), **overrides})
+
+
+def test_a_scanned_rematerialised_model_with_checkpointed_chunks_trains_like_the_whole_square():
+  """The chunks' jax.checkpoint nested in the blocks' nn.remat and nn.scan: the same loss and
+  parameter gradients as attention_chunk=0."""
+  tokens = jax.random.randint(jax.random.key(1), (2, LENGTH), 0, 64)
+  cfg = model_config(num_layers=2, scan_layers=True, remat="full", attention="xla")
+
+  def loss_and_grads(attention_chunk):
+    model = Transformer(replace(cfg, attention_chunk=attention_chunk))
+    params = nn.unbox(model.init(jax.random.key(0), tokens))["params"]
+    return jax.jit(jax.value_and_grad(lambda p: jnp.mean(jax.nn.logsumexp(
+        model.apply({"params": p}, tokens, segment_ids=jnp.concatenate([PACKED, ONE_DOC])), -1))))(
+            params)
+
+  (whole, whole_grads), (chunked, chunked_grads) = loss_and_grads(0), loss_and_grads(48)
+  np.testing.assert_allclose(chunked, whole, atol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), chunked_grads,
+               whole_grads)
 
 
 @pytest.mark.slow

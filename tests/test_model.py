@@ -273,9 +273,7 @@ def test_bidirectional_attention_sees_the_future_and_never_crosses_segments(caus
   np.testing.assert_array_equal(np.asarray(other)[0, :6], np.asarray(base)[0, :6])
 
 
-def test_a_bidirectional_model_refuses_chunked_attention_and_decoding():
-  with pytest.raises(ConfigError, match="attention_chunk"):
-    dataclasses.replace(CFG, causal=False, attention_chunk=4)
+def test_a_bidirectional_model_refuses_decoding():
   model = Transformer(dataclasses.replace(CFG, causal=False))
   with pytest.raises(ConfigError, match="only a causal language model generates text"):
     model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32), decode=True)

@@ -3,9 +3,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import flax.linen as nn
+
 from bigflax import run
-from bigflax.config import base
+from bigflax.config import ModelConfig, base
 from bigflax.errors import ConfigError
+from bigflax.model import Transformer
 from bigflax.objective import (OBJECTIVES, check_config, classification_loss, mask_tokens,
                                next_token_loss)
 
@@ -143,12 +146,76 @@ def test_the_mlm_loss_reads_the_chosen_tokens_only():
     ({"objective": "mlm", "model.causal": False, "mlm.random_fraction": 0.3},
      "sum <= 1"),
     ({"objective": "bert"}, "config.objective='bert' is unknown"),
+    ({"loss_chunk": -1}, "config.loss_chunk must be >= 0"),
 ])
 def test_objective_config_errors(overrides, message):
   c = base()
   c.update_from_flattened_dict(overrides)
   with pytest.raises(ConfigError, match=message):
     check_config(c)
+
+
+@pytest.mark.parametrize("objective, tied", [("next_token", True), ("mlm", False)])
+def test_chunked_loss_equals_the_whole_rows_loss_and_gradients(objective, tied):
+  """config.loss_chunk: the logits of 30 positions in chunks of 8 (the last one padded) give the
+  whole rows' loss, metrics and parameter gradients, in f32, and no f32 logits of a whole row
+  exist in the chunked program."""
+  causal = objective == "next_token"
+  model = Transformer(ModelConfig(vocab_size=160, block_size=32, num_layers=1, num_heads=2,
+                                  embed_dim=32, tie_embeddings=tied, causal=causal))
+  tokens = jax.random.randint(jax.random.key(0), (2, 30), 0, MASK_ID)
+  segment_ids = jnp.asarray([[1] * 12 + [2] * 15 + [0] * 3, [1] * 30])
+  batch = {"inputs": tokens, "targets": jnp.roll(tokens, -1, axis=1),
+           "loss_mask": (segment_ids > 0).astype(jnp.float32), "segment_ids": segment_ids}
+  params = nn.unbox(model.init(jax.random.key(1), tokens))["params"]
+  calls = []
+
+  def loss(params, chunk):
+    c = mlm_config(mask_rate=0.5) if objective == "mlm" else base()
+    c.z_loss, c.loss_chunk = 1e-2, chunk
+
+    def logits_fn(inputs, **kwargs):  # as bigflax.run's
+      calls.append(kwargs)
+      return model.apply({"params": params}, inputs, None, segment_ids, **kwargs)
+    return OBJECTIVES[objective].loss(logits_fn, batch, jax.random.key(2), c)
+
+  step = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
+  (whole, whole_metrics), whole_grads = step(params, 0)
+  (chunked, chunked_metrics), chunked_grads = step(params, 8)
+  assert calls == [{}, {"hidden": True}]  # the chunked loss took the states and head
+  np.testing.assert_allclose(chunked, whole, atol=1e-5)
+  for name in ("loss", "z_loss", "accuracy", "num_tokens"):
+    np.testing.assert_allclose(chunked_metrics[name], whole_metrics[name], atol=1e-5)
+  assert whole_metrics["z_loss"] > 0 and whole_metrics["num_tokens"] > 0
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), chunked_grads,
+               whole_grads)
+  program = str(jax.make_jaxpr(jax.grad(lambda p: loss(p, 8)[0]))(params))
+  assert "f32[2,8,160]" in program and "f32[2,30,160]" not in program
+
+
+@pytest.mark.slow
+def test_train_and_eval_steps_with_a_chunked_loss_equal_the_whole_rows_ones():
+  """Through bigflax.run's steps (the model asked for its states and head): with config.loss_chunk
+  below the rows' length the same loss, accuracy, gradient norm and eval sums as whole rows."""
+  tokens = jax.random.randint(jax.random.key(0), (4, 17), 0, 64)
+  batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+           "loss_mask": jnp.ones((4, 16)).at[0, 10:].set(0),
+           "segment_ids": jnp.ones((4, 16), jnp.int32).at[1, 7:].set(2),
+           "positions": jnp.tile(jnp.arange(16), (4, 1)).at[1, 7:].add(-7)}
+  results = []
+  for chunk in (0, 6):
+    c = base()
+    c.model.update(vocab_size=64, block_size=16, num_layers=1, num_heads=2, embed_dim=32)
+    c.batch_size, c.mesh.data, c.loss_chunk = 4, 1, chunk
+    steps = run.build(c, jax.devices()[:1])
+    state = steps.init_state(jax.random.key(0))
+    with steps.activate():
+      sums = steps.eval_step(state, batch)
+      _, metrics = steps.train_step(state, batch, jax.random.key(1))
+    results.append({**sums, **{k: metrics[k] for k in ("loss", "accuracy", "grad_norm")}})
+  assert results[0].keys() == results[1].keys()
+  for name in results[0]:
+    np.testing.assert_allclose(results[1][name], results[0][name], rtol=1e-5, err_msg=name)
 
 
 def test_resolve_reserves_the_mask_id_past_the_tokenizers():

@@ -140,7 +140,8 @@ def test_the_mesh_must_use_every_device(corpus):
     ({"model.num_heads": 4}, r"parameter \['block_0'\]\['attn'\]\['key'\]\['\w+'\] has dimension "
      r"\d of size 4, not divisible by config.mesh.tensor = 8"),
     ({"batch_size": 4, "mesh.data": 8, "mesh.tensor": 1}, r"config.batch_size=4 must split into "
-     r".* divisible by config.mesh.data × config.mesh.fsdp = 8"),
+     r".* divisible by config.mesh.data × config.mesh.fsdp = 8; .*config.mesh.tensor > 1 "
+     r"splits heads instead of rows"),
     ({"mesh.rules": tuple(r for r in DEFAULT_RULES if r[0] != "mlp")},
      r"logical axis 'mlp' has no rule; add \('mlp', <mesh axes or None>\) to config.mesh.rules"),
     ({"mesh.rules": DEFAULT_RULES + (("heads", "model"),)},

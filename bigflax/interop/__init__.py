@@ -153,7 +153,10 @@ def family_of(cfg: ModelConfig) -> str:
       (not cfg.causal, "is bidirectional (model.causal=False, a masked LM); only causal language "
        "models convert"),
       (cfg.lora_rank, f"has LoRA adapters (finetune.lora_rank={cfg.lora_rank}); fold them in first "
-       "with `bigflax export --merge` and convert the export")):
+       "with `bigflax export --merge` and convert the export"),
+      (cfg.width_ratio != 1, f"uses μP away from its base width (model.parametrization='mup', "
+       f"embed_dim={cfg.embed_dim} ≠ mup_base_width={cfg.mup_base_width}): its output multiplier "
+       "and 1/head_dim attention have no transformers counterpart")):
     if bigflax_only:
       raise InteropError(f"this model has no transformers counterpart: it {fix}")
   problems = {name: family.unsupported(cfg) for name, family in FAMILIES.items()}
