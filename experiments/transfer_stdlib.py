@@ -35,11 +35,12 @@ from_gpt at learning rate 3e-4 instead of 1e-3 gave the same (0.2652, seed 0).
 Five times the fine-tuning (seed 0, `--config.steps=1000 --config.optimizer.decay_steps=1000`,
 the same 600-step GPT; 2026-11-30), test accuracy every 100 steps:
 
-  step      100    200    300    400    500    600    700    800    900   1000
-  scratch  .244   .178   .237   .284   .296   .330   .358   .371   .335   .352
-  from_gpt .220   .220   .299   .269   .208   .296   .313   .311   .301   .326
+  step           100    200    300    400    500    600    700    800    900   1000
+  scratch       .244   .178   .237   .284   .296   .330   .358   .371   .335   .352
+  from_gpt      .220   .220   .299   .269   .208   .296   .313   .311   .301   .326
+  from_gpt_lora .188   .265   .328   .288   .280   .337   .335   .335   .305   .318
 
-Pretraining makes the classifier fit its 1,800 training snippets faster (training batch loss
+LoRA on the same GPT does no better than scratch either. Pretraining makes the classifier fit its 1,800 training snippets faster (training batch loss
 about 0.4 vs 0.7 at the end) and generalise worse (test loss 2.27 vs 1.75): the 600-step byte
 GPT's last-token state seems to carry little of a snippet's package, so fine-tuning learns it
 anew from fewer examples than it needs and overfits sooner. For scale,
