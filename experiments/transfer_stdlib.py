@@ -40,13 +40,13 @@ the same 600-step GPT; 2026-11-30), test accuracy every 100 steps:
   from_gpt      .220   .220   .299   .269   .208   .296   .313   .311   .301   .326
   from_gpt_lora .188   .265   .328   .288   .280   .337   .335   .335   .305   .318
 
-LoRA on the same GPT does no better than scratch either. Pretraining makes the classifier fit its 1,800 training snippets faster (training batch loss
-about 0.4 vs 0.7 at the end) and generalise worse (test loss 2.27 vs 1.75): the 600-step byte
-GPT's last-token state seems to carry little of a snippet's package, so fine-tuning learns it
-anew from fewer examples than it needs and overfits sooner. For scale,
-a TF-IDF logistic regression over character 2-5-grams reaches 0.81 on the same split. What the
-claim needs is a far stronger pretrained model (thousands of pretraining steps: hours of this
-2-core CPU per variant and seed), not measured.
+LoRA on the same GPT does no better than scratch either. Pretraining makes the classifier fit its
+1,800 training snippets faster (training batch loss about 0.4 vs 0.7 at the end) and generalise
+worse (test loss 2.27 vs 1.75): the 600-step byte GPT's last-token state seems to carry little of a
+snippet's package, so fine-tuning learns it anew from fewer examples than it needs and overfits
+sooner. For scale, a TF-IDF logistic regression over character 2-5-grams reaches 0.81 on the same
+split. What the claim needs is a far stronger pretrained model (thousands of pretraining steps:
+hours of this 2-core CPU per variant and seed), not measured.
 """
 
 import hashlib
