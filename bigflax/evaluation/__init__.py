@@ -1,6 +1,6 @@
 """Evaluation: named eval sets (`sets`), `bigflax eval` on an export or any checkpoint (here), and
-the lm-evaluation-harness backend (`harness`, imported only when tasks are asked for: the core
-does not need lm_eval).
+the lm-evaluation-harness backend (`harness`, which imports lm_eval only when tasks are asked
+for: the core does not need it).
 
 `bigflax eval --workdir D [--step N]` rebuilds the run from D/config.json (with the command
 line's --config.FIELD overrides: other eval sets, another mesh), restores the params straight
@@ -26,11 +26,9 @@ def _tasks(spec) -> list[str]:
 
 
 def _harness():
-  try:
-    from bigflax.evaluation import harness
-  except ImportError as e:
-    raise UserError(f"lm-evaluation-harness tasks need lm_eval ({e}); install it with "
-                    "pip install 'bigflax[eval]'") from None
+  # Imported when used, not with this package: `python -m bigflax.evaluation.harness` runs that
+  # module as __main__, and an earlier import would make it a second copy.
+  from bigflax.evaluation import harness  # noqa: PLC0415
   return harness
 
 

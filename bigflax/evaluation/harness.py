@@ -5,8 +5,9 @@
         --tasks hellaswag,lambada_openai
 
 lm_eval 0.4 finds models only in its own registry (no plugin entry points), so the command above
-is lm_eval's own CLI with this module imported first; every lm_eval flag works. `run_tasks` is
-the same from Python (`bigflax eval --tasks` and in-loop evaluation call it).
+is lm_eval's own CLI with the bigflax model registered first (`main`); every lm_eval flag works.
+`run_tasks` is the same from Python (`bigflax eval --tasks` and in-loop evaluation call it).
+lm_eval is imported on first use: bigflax itself imports without the extra.
 
 How the requests run:
 - loglikelihood: each (context, continuation) becomes one sequence (left-truncated to
@@ -38,17 +39,11 @@ import math
 import re
 import sys
 
-import datasets
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
-from lm_eval import evaluator
-from lm_eval import utils as lm_utils
-from lm_eval.api.model import TemplateLM
-from lm_eval.api.registry import register_model
-from lm_eval.models.utils import (handle_stop_sequences, normalize_gen_kwargs,
-                                  postprocess_generated_text)
-from lm_eval.tasks import TaskManager
 
 from bigflax import decode, rundir, sharding
 from bigflax.errors import DataError, UserError, first_line
@@ -56,6 +51,25 @@ from bigflax.errors import DataError, UserError, first_line
 DEFAULT_BATCH_SIZE = 8  # rows of block_size tokens per forward pass (and prompts per generation)
 MAX_GEN_TOKS = 256  # lm_eval's default when a task sets no max_gen_toks
 GENERATION_CHUNK = 32  # ids generated between checks for stop strings
+
+
+@functools.cache
+def _lm_eval() -> types.SimpleNamespace:
+  """The parts of lm_eval this backend uses, imported on first use (lm_eval is the optional
+  `eval` extra: bigflax imports without it), or a UserError saying how to install it."""
+  try:
+    import datasets  # noqa: PLC0415 - lm_eval's dependency, for its fetch errors
+    from lm_eval import evaluator, utils  # noqa: PLC0415
+    from lm_eval.api.model import TemplateLM  # noqa: PLC0415
+    from lm_eval.api.registry import register_model  # noqa: PLC0415
+    from lm_eval.models import utils as model_utils  # noqa: PLC0415
+    from lm_eval.tasks import TaskManager  # noqa: PLC0415
+  except ImportError as e:
+    raise UserError(f"lm-evaluation-harness tasks need lm_eval ({e}); install it with "
+                    "pip install 'bigflax[eval]'") from None
+  return types.SimpleNamespace(datasets=datasets, evaluator=evaluator, utils=utils,
+                               TemplateLM=TemplateLM, register_model=register_model,
+                               model_utils=model_utils, TaskManager=TaskManager)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,11 +131,11 @@ def _document_marks(tokenizer) -> tuple[list[int], list[int]]:
   return whole[:start], whole[start + len(plain):]
 
 
-@register_model("bigflax")
-class BigflaxLM(TemplateLM):
-  """A bigflax model as an lm_eval LM. From the command line: model_args workdir=D (a run
-  directory: its params/ export, or checkpoint `step`), batch_size=B (rows per forward pass),
-  seed=S (sampling). From Python: BigflaxLM.of(model, params, tokenizer, ...)."""
+class BigflaxRequests:
+  """What BigflaxLM (lm_class(): this on lm_eval's TemplateLM, registered as "bigflax") does with
+  lm_eval's requests: a bigflax model as an lm_eval LM. From the command line: model_args
+  workdir=D (a run directory: its params/ export, or checkpoint `step`), batch_size=B (rows per
+  forward pass), seed=S (sampling). From Python: BigflaxLM.of(model, params, tokenizer, ...)."""
 
   def __init__(self, workdir: str | None = None, step: int | None = None,
                batch_size: int | str | None = None, seed: int = 0, **unused):
@@ -136,7 +150,7 @@ class BigflaxLM(TemplateLM):
 
   @classmethod
   def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
-    return cls.create_from_arg_obj(lm_utils.simple_parse_args_string(arg_string),
+    return cls.create_from_arg_obj(_lm_eval().utils.simple_parse_args_string(arg_string),
                                    additional_config)
 
   @classmethod
@@ -152,7 +166,7 @@ class BigflaxLM(TemplateLM):
     arrays on the params' mesh) the rows are split over the mesh like a training batch, the
     forward pass traced with the logical-axis `rules` active."""
     lm = cls.__new__(cls)  # no run directory to read: the fields come from the arguments
-    TemplateLM.__init__(lm)
+    super(BigflaxRequests, lm).__init__()  # TemplateLM's
     lm._setup(model, params, tokenizer, batch_size=batch_size, mesh=mesh,
               batch_sharding=batch_sharding, rules=rules, seed=seed)
     return lm
@@ -274,10 +288,10 @@ class BigflaxLM(TemplateLM):
     del disable_tqdm
     windows, owners = [], []
     for number, (text,) in enumerate(request.args for request in requests):
-      for window in lm_utils.get_rolling_token_windows(
+      for window in _lm_eval().utils.get_rolling_token_windows(
           token_list=self.tok_encode(text), prefix_token=self.prefix_token_id,
           max_seq_len=self.block_size, context_len=1):
-        windows.append((None, *lm_utils.make_disjoint_window(window)))
+        windows.append((None, *_lm_eval().utils.make_disjoint_window(window)))
         owners.append(number)
     totals = np.zeros(len(requests), np.float64)
     for number, (logprob, _) in zip(owners, self._loglikelihood_tokens(windows)):
@@ -293,9 +307,10 @@ class BigflaxLM(TemplateLM):
     for number, request in enumerate(requests):
       groups.setdefault(repr(sorted(request.args[1].items())), []).append(number)
     eos_text = None if self._eos is None else self.tokenizer.decode([self._eos])
+    helpers = _lm_eval().model_utils
     for numbers in groups.values():
-      kwargs = normalize_gen_kwargs(dict(requests[numbers[0]].args[1]), MAX_GEN_TOKS)
-      until = handle_stop_sequences(kwargs.pop("until", None), eos=eos_text or None)
+      kwargs = helpers.normalize_gen_kwargs(dict(requests[numbers[0]].args[1]), MAX_GEN_TOKS)
+      until = helpers.handle_stop_sequences(kwargs.pop("until", None), eos=eos_text or None)
       max_gen = int(kwargs.pop("max_gen_toks"))
       if max_gen >= self.block_size:
         raise UserError(f"the task asks for max_gen_toks={max_gen}, which leaves no room for a "
@@ -313,7 +328,7 @@ class BigflaxLM(TemplateLM):
                    [self.prefix_token_id] for n in chunk]
         rng = jax.random.fold_in(jax.random.key(self.seed), first)
         for n, ids in zip(chunk, self._generate(prompts, max_gen, until, settings, rng)):
-          text = postprocess_generated_text(self.tokenizer.decode(ids), until, None)
+          text = helpers.postprocess_generated_text(self.tokenizer.decode(ids), until, None)
           results[n] = text
           self.cache_hook.add_partial("generate_until", requests[n].args, text)
     return results
@@ -356,7 +371,23 @@ class BigflaxLM(TemplateLM):
     return sharding.activate(self.mesh, rules)
 
 
-def check_tasks(tasks: list[str], task_manager: TaskManager) -> None:
+@functools.cache
+def lm_class() -> type:
+  """BigflaxLM: BigflaxRequests on lm_eval's TemplateLM, registered as lm_eval's "bigflax"
+  model (built once, on first use)."""
+  lm_eval = _lm_eval()
+  return lm_eval.register_model("bigflax")(
+      type("BigflaxLM", (BigflaxRequests, lm_eval.TemplateLM),
+           {"__doc__": BigflaxRequests.__doc__}))
+
+
+def __getattr__(name: str):
+  if name == "BigflaxLM":  # harness.BigflaxLM, built when first asked for
+    return lm_class()
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def check_tasks(tasks: list[str], task_manager) -> None:
   """A UserError naming the first task lm_eval does not know, with its closest names."""
   known = task_manager.all_tasks
   for name in tasks:
@@ -378,10 +409,10 @@ def metrics_of(results: dict) -> dict[str, dict[str, float]]:
 
 
 @functools.cache
-def task_manager(include_path: str | None = None) -> TaskManager:
+def task_manager(include_path: str | None = None):
   """lm_eval's index of its tasks (and those under `include_path`): built once per process, as
   it reads thousands of YAML files (half a minute on a small machine)."""
-  return TaskManager(include_path=include_path)
+  return _lm_eval().TaskManager(include_path=include_path)
 
 
 def run_tasks(model, params, tokenizer, tasks: list[str], *, batch_size: int | None = None,
@@ -397,13 +428,14 @@ def run_tasks(model, params, tokenizer, tasks: list[str], *, batch_size: int | N
   UserErrors."""
   manager = task_manager(include_path)
   check_tasks(tasks, manager)
-  lm = BigflaxLM.of(model, params, tokenizer, batch_size=batch_size, mesh=mesh,
-                    batch_sharding=batch_sharding, rules=rules, seed=seed)
+  lm = lm_class().of(model, params, tokenizer, batch_size=batch_size, mesh=mesh,
+                     batch_sharding=batch_sharding, rules=rules, seed=seed)
+  lm_eval = _lm_eval()
   try:
-    results = evaluator.simple_evaluate(
+    results = lm_eval.evaluator.simple_evaluate(
         model=lm, tasks=list(tasks), limit=limit, num_fewshot=num_fewshot, task_manager=manager,
         log_samples=False, torch_random_seed=None, bootstrap_iters=0)
-  except (ConnectionError, datasets.exceptions.DatasetNotFoundError) as e:
+  except (ConnectionError, lm_eval.datasets.exceptions.DatasetNotFoundError) as e:
     raise unfetched_error(tasks, e) from None
   return metrics_of(results)
 
@@ -421,10 +453,11 @@ def unfetched_error(tasks: list[str], error: Exception) -> DataError:
 
 
 def main(argv: list[str] | None = None) -> None:
-  """lm_eval's command line, with the "bigflax" model registered (this module's import)."""
-  from lm_eval.__main__ import cli_evaluate
+  """lm_eval's command line, with the "bigflax" model registered."""
   sys.argv = [sys.argv[0], *(sys.argv[1:] if argv is None else argv)]
   try:
+    lm_class()
+    from lm_eval.__main__ import cli_evaluate  # noqa: PLC0415 - the optional extra
     cli_evaluate()
   except UserError as e:
     sys.exit(f"error: {e}")
