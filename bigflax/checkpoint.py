@@ -27,7 +27,7 @@ import optax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-from bigflax import optim, sharding
+from bigflax import config as config_lib, optim, sharding
 from bigflax.errors import CheckpointError, NonFiniteError, first_line
 
 # Config fields a resumed run must share with its checkpoint: they fix the stored arrays' shapes
@@ -84,7 +84,8 @@ def check_shapes(stored, expected, where) -> None:
 
 
 def config_differences(stored: dict, current: dict) -> list[str]:
-  """`RESUME_FIXED_FIELDS` on which two configs (as JSON-able dicts) disagree, as lines."""
+  """`RESUME_FIXED_FIELDS` on which two configs (as JSON-able dicts) disagree, as lines. A field
+  the stored config lacks (written before the field existed) has its default: what it ran with."""
   def flat(d, prefix=""):
     out = {}
     for key, value in d.items():
@@ -93,7 +94,9 @@ def config_differences(stored: dict, current: dict) -> list[str]:
       else:
         out[f"{prefix}{key}"] = value
     return out
-  stored, current = flat(stored), flat(json.loads(json.dumps(current)))
+  json_dict = lambda config: json.loads(json.dumps(config))
+  stored = {**flat(json_dict(config_lib.base().to_dict())), **flat(stored)}
+  current = flat(json_dict(current))
   fixed = lambda key: (key not in RESUME_FREE_FIELDS
                        and any(key == f or key.startswith(f + ".") for f in RESUME_FIXED_FIELDS))
   return [f"config.{key}: {stored.get(key)!r} in the checkpoint, {current.get(key)!r} now"

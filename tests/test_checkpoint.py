@@ -1,6 +1,7 @@
 """Checkpoints: resume (bit-identical, onto other meshes), preemption, crash safety, numerics guard,
 exports, and the errors a broken or mismatched checkpoint gives."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -11,7 +12,7 @@ import numpy as np
 import portpicker
 import pytest
 
-from bigflax import checkpoint, data, rundir, train
+from bigflax import checkpoint, config as config_lib, data, rundir, train
 from bigflax.config import ConfigError, validate
 from bigflax.rundir import read_metrics
 from conftest import REPO, bigflax_env, tiny_config
@@ -318,3 +319,13 @@ def test_keep_every_must_fall_on_checkpoints(corpus_file):
   with pytest.raises(ConfigError, match="config.keep_every=15 must be a multiple of "
                                         "config.checkpoint_every=10"):
     validate(tiny_config(corpus_file, checkpoint_every=10, keep_every=15))
+
+
+def test_a_field_added_since_the_checkpoint_counts_as_its_default():
+  current = json.loads(json.dumps(config_lib.base().to_dict()))
+  stored = json.loads(json.dumps(config_lib.base().to_dict()))
+  del stored["model"]["parametrization"]  # a checkpoint written before the field existed
+  assert checkpoint.config_differences(stored, current) == []
+  current["model"]["parametrization"] = "mup"
+  assert checkpoint.config_differences(stored, current) == [
+      "config.model.parametrization: 'standard' in the checkpoint, 'mup' now"]
