@@ -1,6 +1,5 @@
 """What the hardware can do: accelerator datasheet figures, and this machine's measured ceiling."""
 
-import ctypes
 import dataclasses
 import functools
 import time
@@ -31,28 +30,6 @@ CHIPS = {
 def chip_of(device) -> Chip | None:
   """The datasheet entry for a device, or None (a CPU, or an unlisted accelerator)."""
   return next((c for c in CHIPS.values() if device.device_kind in c.device_kinds), None)
-
-
-# glibc's mallopt parameters (malloc.h).
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
-
-
-@functools.cache
-def keep_freed_host_memory() -> bool:
-  """Has glibc's malloc keep the memory a CPU step frees, for the next step to reuse; returns
-  whether it could (False without glibc: macOS, musl).
-
-  XLA:CPU allocates each step's temporaries afresh, a few blocks of tens of MB to GBs. glibc maps
-  every block above its mmap threshold (32 MiB at most) freshly and unmaps it when freed, so each
-  step faults its working set back in page by page: measured here, a third of the Shakespeare CPU
-  step (13k faults) went to the kernel, and 1.5M faults a step at the baby shape. Served from the
-  heap and never trimmed, the pages stay mapped, as an accelerator runtime keeps device memory.
-  Process-wide and for good: memory the process frees stays its own."""
-  libc = ctypes.CDLL(None)
-  if not hasattr(libc, "gnu_get_libc_version"):
-    return False
-  # The threshold is a size_t: -1 reads as the largest, i.e. never give the heap's top back.
-  return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, -1))
 
 
 def measure_matmul_flops(dtype=jnp.float32, n: int = 2048, trials: int = 10) -> float:

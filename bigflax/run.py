@@ -18,8 +18,7 @@ import optax
 from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding
 
-from bigflax import (config as config_lib, data, hardware, model as model_lib, objective, optim,
-                     sharding)
+from bigflax import config as config_lib, data, model as model_lib, objective, optim, sharding
 from bigflax.config import ModelConfig
 from bigflax.errors import ConfigError
 
@@ -313,8 +312,6 @@ def build(config, devices=None) -> Run:
                       "(bigflax.run.resolve), or set --config.model.vocab_size when no data is "
                       "read (bigflax aot)")
   mesh = sharding.make_mesh(config.mesh, devices)
-  if mesh.devices.flat[0].platform == "cpu":
-    hardware.keep_freed_host_memory()
   rules = sharding.rules_of(config.mesh)
   model = model_lib.Transformer(ModelConfig.from_config(config.model, config.finetune))
   tx = make_optimizer(config)
