@@ -12,7 +12,7 @@ TPU_NODES = ("/dev/accel*", "/dev/vfio/[0-9]*")
 GPU_NODES = ("/dev/nvidia[0-9]*",)
 
 # glibc's mallopt parameters (malloc.h).
-_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 
 
 def _present(patterns) -> bool:
@@ -65,7 +65,7 @@ def keep_freed_memory() -> bool:
     return False
   # The trim threshold is a size_t: -1 reads as the largest, i.e. never give the heap's top back.
   return all(libc.mallopt(param, value) for param, value in
-             ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1)))
+             ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1)))
 
 
 def prepare() -> None:
