@@ -51,14 +51,15 @@ def keep_freed_memory() -> bool:
   """Has glibc's malloc keep the memory the process frees, for reuse; returns whether it could
   (False without glibc: macOS, musl).
 
-  XLA:CPU allocates each step's temporaries afresh (one block: 50 MB at the Shakespeare CPU
-  shape, 6.3 GB at the baby shape), often on one of its own threads. glibc serves a block above
-  its mmap threshold (32 MiB at most), or one too big for a thread's own arena, from a fresh
-  mapping that it unmaps when freed, so every step faulted its working set back in page by page:
-  a third of the Shakespeare CPU step went to the kernel, and at the baby shape 1.55M faults (1.2
-  s) a step. One arena for every thread (set before JAX starts its threads, which keep the arena
-  they first used), no mappings and no trimming keep those pages mapped from step to step, as an
-  accelerator runtime keeps device memory. Process-wide and for good: memory freed stays the
+  XLA:CPU allocates each step's temporaries afresh, in one block (50 MB at the Shakespeare CPU
+  shape). glibc serves a block above its mmap threshold (32 MiB at most) from a fresh mapping
+  that it unmaps when freed, so every step faulted its working set back in page by page: 13k
+  faults, a third of the Shakespeare CPU step spent in the kernel. Served from the heap and
+  never trimmed, those pages stay mapped from step to step. Blocks too big for the arena of the
+  thread that asks (XLA runs a large step on a worker thread: the baby shape's 6.3 GB) are still
+  mapped afresh: one arena for all threads would serve them from the heap too (7.0 s a baby step
+  instead of 8.3), but the heap then grew by fragmentation to three times the temporaries as
+  other allocations landed between steps. Process-wide and for good: memory freed stays the
   process's."""
   libc = ctypes.CDLL(None)
   if not hasattr(libc, "gnu_get_libc_version"):
