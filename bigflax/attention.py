@@ -87,11 +87,31 @@ def _attend(q, k, v, mask, cfg: ModelConfig, dropout: bool):
   scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32)
   scores = scores * jnp.float32(cfg.attention_scale)
   scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-  weights = jax.nn.softmax(scores, axis=-1).astype(dtype)
+  weights = softmax(scores).astype(dtype)
   if dropout:
     weights = Dropout(cfg.dropout)(weights, deterministic=False)
   return jnp.einsum("bkgqs,bskd->bqkgd", weights, v.astype(dtype),
                     preferred_element_type=jnp.float32).astype(dtype)
+
+
+@jax.custom_vjp
+def softmax(scores):
+  """jax.nn.softmax over the last axis, whose backward reads the weights alone: y·(g − Σ y·g), one
+  reduction. Differentiated as traced (exp, sum, divide), it takes two and a 1/sum² term: ~4% of
+  the Shakespeare CPU step."""
+  return jax.nn.softmax(scores, axis=-1)
+
+
+def _softmax_forward(scores):
+  weights = jax.nn.softmax(scores, axis=-1)
+  return weights, weights
+
+
+def _softmax_backward(weights, grad):
+  return (weights * (grad - jnp.sum(weights * grad, axis=-1, keepdims=True)),)
+
+
+softmax.defvjp(_softmax_forward, _softmax_backward)
 
 
 # ---- Fused kernels -----------------------------------------------------------------------------

@@ -72,6 +72,15 @@ def test_flash_output_and_gradients_match_xla(heads, kv_heads, segment_ids, caus
 
 
 @pytest.mark.slow
+def test_softmax_backward_from_the_weights_matches_jax():
+  scores = jax.random.normal(jax.random.key(0), (2, 3, 8, 8))
+  scores = jnp.where(jnp.tril(jnp.ones((8, 8), bool)), scores, jnp.finfo(jnp.float32).min)
+  cotangent = jax.random.normal(jax.random.key(1), scores.shape)
+  ours, theirs = (jax.vjp(f, scores) for f in (attention.softmax, jax.nn.softmax))
+  np.testing.assert_allclose(ours[0], theirs[0], rtol=0, atol=0)
+  np.testing.assert_allclose(ours[1](cotangent)[0], theirs[1](cotangent)[0], rtol=1e-6, atol=1e-6)
+
+
 def test_flash_on_a_mesh_runs_on_each_devices_rows_and_heads():
   c = base()
   c.mesh.update(data=2, fsdp=1, tensor=2)

@@ -59,3 +59,14 @@ def test_the_abstract_state_matches_the_created_one(corpus_file):
                             jax.tree.leaves(trainer.state)):
     assert (abstract.shape, abstract.dtype, abstract.sharding) == (real.shape, real.dtype,
                                                                    real.sharding)
+
+
+@pytest.mark.skipif(not run.CPU_COMPILER_OPTIONS, reason="this jaxlib takes no YNNPACK option")
+def test_a_cpu_step_compiles_without_ynnpack_fusions(corpus_file):
+  trainer = train.Trainer(tiny_config(corpus_file), devices=jax.devices()[:1])
+  with trainer.run.activate():
+    compiled = trainer.run.train_step.lower(trainer.state, trainer.batch(data.TRAIN, 0),
+                                            trainer.dropout_rng).compile().as_text()
+  default = jax.jit(lambda a, b: a @ b).lower(jax.numpy.ones((64, 64)), jax.numpy.ones((64, 64)))
+  assert "__ynn_fusion" in default.compile().as_text()  # what the option turns off
+  assert "__ynn_fusion" not in compiled and " dot(" in compiled
