@@ -61,8 +61,10 @@ def keep_freed_memory() -> bool:
   instead of 8.3), but the heap then grew by fragmentation to three times the temporaries as
   other allocations landed between steps. Process-wide and for good: memory freed stays the
   process's."""
+  if not sys.platform.startswith("linux"):
+    return False
   libc = ctypes.CDLL(None)
-  if not hasattr(libc, "gnu_get_libc_version"):
+  if not hasattr(libc, "gnu_get_libc_version"):  # musl
     return False
   # The trim threshold is a size_t: -1 reads as the largest, i.e. never give the heap's top back.
   return all(libc.mallopt(param, value) for param, value in
