@@ -12,7 +12,8 @@ Default (nanoGPT's README "baby" CPU run): 4 layers × 128, block 64, batch 12, 
 loss over 200 batches of val windows. nanoGPT at its commit 3adf61e1, measured on the 2-core build
 machine the same way, gives 1.9216, 1.9052 and 1.8957 for three seeds (mean 1.9075; its README's
 1.88 came from one run and a 20-batch eval). Target: bigflax's mean over seeds 0-2 ≤ 1.9175
-(nanoGPT's mean + 0.01); bigflax measured 1.9077, 1.8778, 1.8895 (mean 1.8917), ~3.5 min a seed.
+(nanoGPT's mean + 0.01); bigflax measured 1.9077, 1.8778, 1.8895 (mean 1.8917), ~2 min a seed
+(seed 0 re-measured after the CPU-speed changes: 1.9077 again, in 1.9 min).
 
 `:baby` is nanoGPT's GPU recipe (6 × 384, block 256, batch 64, dropout 0.2, 5000 steps; nanoGPT
 reaches val loss 1.4697 on a GPU); on a CPU it is the throughput benchmark shape.
